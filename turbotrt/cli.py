@@ -1,0 +1,116 @@
+"""`turbotrt`: a thin command line over the library; every command calls a public function.
+
+Heavy modules (torch, onnx) are imported inside the commands that need them, so `--help` is fast
+and the torch-free runtime install can still run the commands that do not need torch.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+
+def _needs_torch():
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise click.ClickException(
+            "this command needs PyTorch, which the runtime-only install leaves out: "
+            "pip install 'turbotrt[export]' (install torch first to choose its build)"
+        ) from None
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return str(n)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="turbotrt")
+def main():
+    """Turn TurboDiffusion video models (Wan2.1/2.2 with SLA sparse attention, rCM few-step
+    sampling and W8A8) into ONNX graphs and TensorRT engines, and run them without PyTorch."""
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the presets as JSON.")
+def presets(as_json):
+    """List the model presets and the resolutions each supports."""
+    from turbotrt.models.configs import PRESETS, RESOLUTIONS
+
+    if as_json:
+        click.echo(json.dumps({n: c.to_dict() for n, c in PRESETS.items()}, indent=2))
+        return
+    for name, c in PRESETS.items():
+        kind = "I2V, experts " + "/".join(c.experts) if c.experts else "T2V"
+        click.echo(f"{name:18s} dim {c.dim:5d}  layers {c.num_layers:2d}  heads {c.num_heads:2d}  {kind:22s} "
+                   f"resolutions {', '.join(c.resolutions)} (default {c.default_resolution}, {c.default_frames} frames)")
+    click.echo("\nresolutions (width x height):")
+    for res, aspects in RESOLUTIONS.items():
+        click.echo(f"  {res:5s} " + ", ".join(f"{a} {w}x{h}" for a, (w, h) in aspects.items()))
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the facts as JSON.")
+def inspect(checkpoint, as_json):
+    """Show what a DiT CHECKPOINT (.pth or .safetensors) holds: preset, dtype, quantization, size.
+
+    Nothing is executed from the file: .pth files are read weights-only."""
+    _needs_torch()
+    from turbotrt.models.checkpoint import CheckpointError, inspect_checkpoint
+
+    try:
+        info = inspect_checkpoint(checkpoint)
+    except CheckpointError as e:
+        raise click.ClickException(str(e)) from None
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"checkpoint    {info['path']} ({_human_bytes(info['file_bytes'])})")
+    click.echo(f"preset        {info['preset'] or 'none matches (shapes: ' + json.dumps(info['shapes']) + ')'}")
+    click.echo(f"dtype         {info['dtype']}  ({', '.join(f'{k}: {v:,}' for k, v in info['dtypes'].items())})")
+    click.echo(f"quantization  {info['quantization']}")
+    click.echo(f"parameters    {info['parameters']:,} in {info['tensors']} tensors ({_human_bytes(info['tensor_bytes'])})")
+    problems = info.get("problems")
+    if problems:
+        click.echo("does not load as that preset:\n  " + "\n  ".join(problems))
+        sys.exit(1)
+    elif info["preset"]:
+        click.echo("loads         yes (strict)")
+
+
+@main.command("random-checkpoint")
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--preset", default="wan-tiny", show_default=True, help="Model preset (see `turbotrt presets`).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the random weights.")
+@click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True)
+@click.option("--quant", is_flag=True, help="Write the W8A8 `-quant` layout (int8 weights, 128x128 tile scales).")
+def random_checkpoint(out, preset, seed, dtype, quant):
+    """Write a DiT checkpoint with seeded random weights in TurboDiffusion's key layout.
+
+    For trying the tools without real weights. OUT ends in .pth or .safetensors."""
+    _needs_torch()
+    from turbotrt.models.checkpoint import CheckpointError, save_state_dict
+    from turbotrt.models.configs import get_config
+    from turbotrt.models.wan import random_wan_state_dict
+
+    try:
+        config = get_config(preset)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--preset") from None
+    sd = random_wan_state_dict(config, seed=seed, dtype=dtype, quantized=quant)
+    try:
+        save_state_dict(sd, out)
+    except CheckpointError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"wrote {out}: {preset}, {dtype}{', -quant' if quant else ''}, seed {seed}")
+
+
+if __name__ == "__main__":
+    main()
