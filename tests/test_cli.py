@@ -47,3 +47,14 @@ def test_unknown_preset_is_a_usage_error(tmp_path):
 def test_console_script_help_runs():
     r = subprocess.run([sys.executable, "-m", "turbotrt.cli", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "TurboDiffusion" in r.stdout
+
+
+def test_generate_tiny_video(tmp_path):
+    from turbotrt.runtime.video import read_mp4
+
+    out = tmp_path / "v.mp4"
+    r = CliRunner().invoke(main, ["generate", "--out", str(out), "--steps", "1", "--frames", "5"])
+    assert r.exit_code == 0, r.output
+    assert read_mp4(out).shape == (5, 64, 128, 3)
+    r = CliRunner().invoke(main, ["generate", "--preset", "wan2.1-t2v-1.3b", "--out", str(out)])
+    assert r.exit_code == 2 and "tiny" in r.output

@@ -280,3 +280,27 @@ def load_t5(path: str | os.PathLike, config_name: str | None = None, device: tor
     check_state_dict(expected_shapes(model), state_dict, f"umT5 encoder {cfg.name!r}")
     load_into(model, state_dict)
     return model.to(device).eval().requires_grad_(False)
+
+
+def random_t5_state_dict(config: T5Config | str, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+    """Seeded random weights in Wan's layout, the same on every machine (tiny test checkpoints).
+
+    Scaled like T5's initialisation: q carries the 1/sqrt(head_dim) that T5 attention leaves out,
+    so random logits stay O(1) and the encoder's outputs are well conditioned.
+    """
+    cfg = get_t5_config(config) if isinstance(config, str) else config
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, shape in sorted(expected_shapes(build_t5(cfg, "meta")).items()):
+        if name.endswith("norm1.weight") or name.endswith("norm2.weight") or name == "norm.weight":
+            v = 1.0 + 0.1 * torch.randn(shape, generator=g)
+        elif name == "token_embedding.weight":
+            v = torch.randn(shape, generator=g)
+        elif "pos_embedding" in name:
+            v = 0.1 * torch.randn(shape, generator=g)
+        else:
+            v = torch.randn(shape, generator=g) / shape[1] ** 0.5
+            if name.endswith("attn.q.weight"):
+                v = v / cfg.head_dim**0.5
+        out[name] = v.to(dtype)
+    return out

@@ -145,3 +145,30 @@ class Tokenizer:
         if isinstance(texts, str):
             texts = [texts]
         return pad_batch([self.encode(t) for t in texts], self.text_len, self.eos_id)
+
+
+def make_tiny_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 256, seed: int = 0) -> Path:
+    """Train a small sentencepiece model on a generated corpus: the tokenizer of the tiny presets.
+
+    The same seed gives the same model file, so built-in tiny bundles are reproducible. Special ids
+    follow umT5's: <pad>=0, </s>=1, <unk>=2, no BOS.
+    """
+    import sentencepiece as spm
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    words = ("a cat dog bird fish tree river city night day sun moon red blue green walks runs flies "
+             "swims over under through the slowly quickly bright dark camera pans zooms video of in").split()
+    syllables = [c + v for c in "bdgklmnprstvz" for v in "aeiou"]
+    words += ["".join(rng.choice(syllables, size=int(rng.integers(1, 4)))) for _ in range(300)]
+    lines = [" ".join(rng.choice(words, size=int(rng.integers(3, 12)))) for _ in range(500)]
+    corpus = out / "corpus.txt"
+    corpus.write_text("\n".join(lines))
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(out / "spiece"), vocab_size=vocab_size, model_type="unigram",
+        pad_id=PAD_ID, eos_id=1, unk_id=2, bos_id=-1, num_threads=1, minloglevel=2,
+    )
+    corpus.unlink()
+    (out / "spiece.vocab").unlink(missing_ok=True)
+    return out / "spiece.model"
