@@ -113,6 +113,58 @@ def random_checkpoint(out, preset, seed, dtype, quant):
 
 
 @main.command()
+@click.argument("source")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder (written atomically).")
+@click.option("--resolution", default=None, help="480p, 720p or tiny (default: the preset's).")
+@click.option("--aspect", default="16:9", show_default=True, help="16:9, 9:16 or 1:1.")
+@click.option("--frames", type=int, default=None, help="Video frames, 4k+1 (default: the preset's, 81 for real models).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="bf16", show_default=True,
+              help="Weights and activations; norms, modulation and the head stay fp32.")
+@click.option("--attention", type=click.Choice(["sagesla", "sla", "dense"]), default="sagesla", show_default=True,
+              help="Self-attention: SageSLA custom op (low-bit plugin in TensorRT), SLA (float plugin) or dense.")
+@click.option("--sla-topk", type=float, default=None, help="Fraction of key blocks kept (default: preset's, 0.1).")
+@click.option("--block-q", type=int, default=None, help="SLA query block (default: preset's, 128).")
+@click.option("--block-k", type=int, default=None, help="SLA key block (default: preset's, 64).")
+@click.option("--v-dtype", type=click.Choice(["fp8", "fp16"]), default="fp8", show_default=True,
+              help="SageSLA V/P type: fp8 for sm89/sm90/sm120, fp16 for sm80.")
+@click.option("--preset", default=None, help="Preset of a checkpoint whose shapes do not identify it.")
+@click.option("--low-noise", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="I2V A14B: the low-noise expert's checkpoint (SOURCE is the high-noise one).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the tiny presets' weights and of validation inputs.")
+@click.option("--validate/--no-validate", default=None,
+              help="Compare ONNX Runtime with PyTorch (default: on for small models).")
+@click.option("--onnx-only", is_flag=True, help="Stop after ONNX (engines are built by `turbotrt build` with TensorRT).")
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+def export(source, out, resolution, aspect, frames, precision, attention, sla_topk, block_q, block_k, v_dtype,
+           preset, low_noise, seed, validate, onnx_only, force):
+    """Export SOURCE (a checkpoint, or a tiny preset such as wan-tiny) to ONNX graphs in --out.
+
+    Self-attention becomes one turbodiffusion::SageSLA node per layer, carrying its reference math
+    as an ONNX function (ONNX Runtime runs it; TensorRT swaps in the plugin). Weights stream from
+    the checkpoint into external data, one tensor at a time."""
+    _needs_torch()
+    from tqdm import tqdm
+
+    from turbotrt.export.api import ExportError, export as run
+    from turbotrt.models.checkpoint import CheckpointError
+
+    def bar(items):
+        return tqdm(items, desc="  weights", unit="tensor", leave=False)
+
+    try:
+        result = run(source, out, resolution=resolution, frames=frames, aspect=aspect, precision=precision,
+                     attention=attention, sla_topk=sla_topk, block_q=block_q, block_k=block_k, v_dtype=v_dtype,
+                     preset=preset, low_noise=low_noise, seed=seed, validate=validate, force=force,
+                     log=click.echo, progress=bar)
+    except (ExportError, CheckpointError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"exported {', '.join(result.graphs)} to {result.out} in {result.seconds:.1f} s")
+    click.echo("engines: not built here (TensorRT engines come from `turbotrt build` on the target GPU)")
+    if not result.passed:
+        raise click.ClickException("validation failed: see the report above")
+
+
+@main.command()
 @click.option("--preset", default="wan-tiny", show_default=True, help="A tiny preset (built-in seeded random weights).")
 @click.option("--prompt", default="a red bird flies over a river at night", show_default=True)
 @click.option("--out", default="turbotrt-reference.mp4", show_default=True, type=click.Path(dir_okay=False))

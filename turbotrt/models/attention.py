@@ -73,6 +73,13 @@ class AttentionConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def for_model(cls, config, mode: str = "sla", **overrides) -> "AttentionConfig":
+        """The model preset's default geometry and topk, with explicit overrides (None = default)."""
+        fields = dict(mode=mode, block_q=config.sla_block_q, block_k=config.sla_block_k, topk=config.sla_topk)
+        fields.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**fields)
+
 
 # --- helpers --------------------------------------------------------------------------------------
 
@@ -382,6 +389,10 @@ def sla_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_l: nn.
     _check_qkv(q, k, v)
     if config.mode == "dense":
         return _dense(q, k, v).to(q.dtype)
+    if torch.onnx.is_in_onnx_export():  # the sparse core becomes the SageSLA custom node
+        from turbotrt.export.sagesla_onnx import sla_attention_export
+
+        return sla_attention_export(q, k, v, proj_l, config)
     idx = block_map(q, k, config.block_q, config.block_k, config.topk)
     if config.mode == "sla":
         o_s = _sparse(q, k, v, idx, config.block_q, config.block_k)

@@ -35,6 +35,10 @@ class WanConfig:
     default_frames: int = 81
     text_encoder: str = "umt5-xxl"
     vae: str = "wan2.1-vae"
+    # Default SLA geometry (TurboDiffusion's `sla` inference: 128/64, topk 0.1); a run may override.
+    sla_block_q: int = 128
+    sla_block_k: int = 64
+    sla_topk: float = 0.1
 
     @property
     def head_dim(self) -> int:
@@ -65,7 +69,8 @@ class WanConfig:
 
 _FULL = dict(text_encoder="umt5-xxl", vae="wan2.1-vae")
 _TINY = dict(dim=256, ffn_dim=512, num_heads=2, num_layers=2, text_dim=64, text_encoder="umt5-tiny",
-             vae="wan-vae-tiny", resolutions=("tiny",), default_resolution="tiny", default_frames=17)
+             vae="wan-vae-tiny", resolutions=("tiny",), default_resolution="tiny", default_frames=17,
+             sla_block_q=64, sla_block_k=64, sla_topk=0.5)  # 160 tokens: 3x3 blocks, 1 kept per row
 
 PRESETS: dict[str, WanConfig] = {
     c.name: c

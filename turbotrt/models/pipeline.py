@@ -68,7 +68,7 @@ class ReferencePipeline:
         config = get_config(preset)
         if not config.name.startswith("wan-tiny"):
             raise ValueError(f"{preset} is not a tiny preset; load real checkpoints instead")
-        attention = attention or AttentionConfig("sla", block_q=64, block_k=64, topk=0.5)
+        attention = attention or AttentionConfig.for_model(config)
         experts = config.experts or ("",)
         dits = {e: init_random_(WanModel(config, attention), seed + i).eval() for i, e in enumerate(experts)}
         dit = dits if config.experts else dits[""]

@@ -1,0 +1,122 @@
+"""TensorRT compatibility lint: what in an ONNX graph TensorRT (>= 10.9) will refuse or run badly.
+
+It reads the graph only (no TensorRT needed) and reports node names, so a finding points at the
+module that produced it. Sources: TensorRT's ONNX operator support matrix and parser notes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import onnx
+from onnx import TensorProto
+
+from turbotrt.plugins.sagesla import contract as C
+
+# ONNX ops TensorRT's parser supports (operator matrix of TensorRT 10.0; later versions add more).
+TRT_OPS = frozenset("""
+Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh AveragePool BatchNormalization Cast CastLike Ceil
+Celu Clip Concat Constant ConstantOfShape Conv ConvTranspose Cos Cosh CumSum DeformConv DepthToSpace
+DequantizeLinear Div Dropout Einsum Elu Equal Erf Exp Expand EyeLike Flatten Floor Gather GatherElements
+GatherND Gelu Gemm GlobalAveragePool GlobalLpPool GlobalMaxPool Greater GreaterOrEqual GridSample
+GroupNormalization GRU HardSigmoid HardSwish Hardmax Identity If ImageScaler InstanceNormalization IsInf IsNaN
+LayerNormalization LeakyRelu Less LessOrEqual Log LogSoftmax Loop LRN LSTM LpNormalization LpPool MatMul Max
+MaxPool Mean MeanVarianceNormalization Min Mish Mod Mul Neg NonMaxSuppression NonZero Not OneHot Or Pad
+ParametricSoftplus Pow PRelu QuantizeLinear RandomNormal RandomNormalLike RandomUniform RandomUniformLike Range
+Reciprocal ReduceL1 ReduceL2 ReduceLogSum ReduceLogSumExp ReduceMax ReduceMean ReduceMin ReduceProd ReduceSum
+ReduceSumSquare Relu Reshape Resize ReverseSequence RNN RoiAlign Round ScaledTanh Scan Scatter ScatterElements
+ScatterND Selu Shape Shrink Sigmoid Sign Sin Sinh Size Slice Softmax Softplus Softsign SpaceToDepth Split Sqrt
+Squeeze Sub Sum Tan Tanh ThresholdedRelu Tile TopK Transpose Trilu Unsqueeze Upsample Where Xor
+""".split())
+TOPK_MAX_K = 3840
+NORM_OPS = {"LayerNormalization", "ReduceMean", "Softmax", "GroupNormalization"}
+
+
+@dataclass(frozen=True)
+class Finding:
+    severity: str  # "error": TensorRT will refuse the graph; "warning": it builds, but risky or slow
+    node: str
+    op: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.severity:7s} {self.node} ({self.op}): {self.message}"
+
+
+def _types(model: onnx.ModelProto) -> dict[str, int]:
+    try:
+        g = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False).graph
+    except onnx.shape_inference.InferenceError:  # a malformed node: lint what is declared
+        g = model.graph
+    out = {v.name: v.type.tensor_type.elem_type for v in list(g.value_info) + list(g.input) + list(g.output)}
+    out.update({t.name: t.data_type for t in g.initializer})
+    return out
+
+
+def _const_ints(model: onnx.ModelProto) -> set[str]:
+    """Tensor names that are constant (initializers or Constant outputs)."""
+    names = {t.name for t in model.graph.initializer}
+    names |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    return names
+
+
+def lint_model(model: onnx.ModelProto) -> list[Finding]:
+    findings: list[Finding] = []
+    types = _types(model)
+    consts = _const_ints(model)
+    local_functions = {(f.domain, f.name) for f in model.functions}
+
+    def add(sev, node, msg):
+        findings.append(Finding(sev, node.name or "<unnamed>", node.op_type, msg))
+
+    for node in model.graph.node:
+        op = node.op_type
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if node.domain not in ("", "ai.onnx"):
+            if node.domain == C.DOMAIN and op == C.OP_TYPE:
+                if "plugin_namespace" not in attrs:
+                    add("error", node, "custom node without plugin_namespace: TensorRT >= 10.15 would inline its "
+                                       "function body instead of using the plugin")
+                if (node.domain, op) not in local_functions:
+                    add("warning", node, "no local function body: ONNX Runtime cannot run this graph")
+                idx = node.input[3] if len(node.input) > 3 else ""
+                if types.get(idx, TensorProto.INT32) != TensorProto.INT32:
+                    add("error", node, "block_idx must be int32 (the plugin contract)")
+            else:
+                add("error", node, f"custom domain {node.domain!r}: needs a TensorRT plugin named {op}")
+            continue
+        if op not in TRT_OPS:
+            add("error", node, "not supported by TensorRT's ONNX parser")
+        out_types = [types.get(o) for o in node.output]
+        in_types = [types.get(i) for i in node.input if i]
+        if TensorProto.DOUBLE in out_types + in_types:
+            add("warning", node, "float64 tensor: TensorRT casts DOUBLE down to FLOAT (compute it outside the graph)")
+        if op == "TopK":
+            if attrs.get("sorted", 1) != 1:
+                add("error", node, "TopK needs sorted=1 in TensorRT")
+            if in_types and in_types[0] == TensorProto.BFLOAT16:
+                add("warning", node, "bf16 TopK: cast the scores to float32 (ONNX Runtime CPU has no bf16 TopK)")
+            k_init = next((t for t in model.graph.initializer if len(node.input) > 1 and t.name == node.input[1]), None)
+            if k_init is not None and onnx.numpy_helper.to_array(k_init).max() >= TOPK_MAX_K:
+                add("error", node, f"TopK K must be < {TOPK_MAX_K}")
+        if op in ("ReduceMean", "Pad", "CumSum") and len(node.input) > 1 and node.input[1] and node.input[1] not in consts:
+            add("error", node, "axes must be an initializer/constant for TensorRT")
+        if op in ("QuantizeLinear", "DequantizeLinear") and len(node.input) > 2 and node.input[2]:
+            zp = next((t for t in model.graph.initializer if t.name == node.input[2]), None)
+            if zp is None or onnx.numpy_helper.to_array(zp).any():
+                add("error", node, "zero point must be a constant 0 (TensorRT Q/DQ is symmetric)")
+        if op == "LayerNormalization" and len(node.output) > 1 and any(node.output[1:]):
+            add("error", node, "TensorRT supports only the first output of LayerNormalization")
+        if op in NORM_OPS and in_types and in_types[0] == TensorProto.FLOAT16:
+            add("warning", node, "fp16 normalization/softmax: keep norms in fp32 (overflow and precision risk)")
+        if op == "Resize" and attrs.get("antialias", 0):
+            add("error", node, "TensorRT's Resize has no antialiasing")
+    for i in model.graph.input:
+        if i.type.tensor_type.elem_type == TensorProto.INT64:
+            findings.append(Finding("warning", i.name, "input", "int64 graph input: TensorRT prefers int32"))
+    return findings
+
+
+def lint(path: str | os.PathLike) -> list[Finding]:
+    return lint_model(onnx.load(str(path), load_external_data=False))

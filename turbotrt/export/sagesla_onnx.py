@@ -1,0 +1,124 @@
+"""SLA self-attention as it is exported: standard ops around one `turbodiffusion::SageSLA` node.
+
+The node follows `turbotrt.plugins.sagesla.contract`. Its ONNX function body (the same name and
+domain, attached to the model after export because torch's exporter inlines functions it is given)
+is the float sparse core traced from the PyTorch reference, so ONNX Runtime runs the reference math
+and TensorRT, seeing `plugin_namespace`, runs the plugin.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import onnx
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from turbotrt.models import attention as ref
+from turbotrt.plugins.sagesla import contract as C
+
+def quant_mode(config: ref.AttentionConfig) -> str:
+    if config.mode == "sla":
+        return "none"
+    return {"fp8": "int8_fp8", "fp16": "int8_fp16"}[config.v_dtype]
+
+
+def block_map_export(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int, topk: float) -> torch.Tensor:
+    """`ref.block_map` in TensorRT-friendly ops: int32 `[B, H, Nq, n]`, rows ascending.
+
+    TensorRT's TopK needs sorted=1 and float input, so the n best blocks come from a sorted float
+    TopK, and the ascending order from a second TopK over `Nk - j` of the kept blocks (no int Sort).
+    Equal to `ref.block_map` except on exact score ties.
+    """
+    q32, k32 = q.float(), k.float()
+    pooled_q = ref._mean_pool(q32, block_q)
+    pooled_k = ref._mean_pool(k32 - k32.mean(dim=-2, keepdim=True), block_k)
+    score = pooled_q @ pooled_k.transpose(-1, -2)  # [B, H, Nq, Nk]
+    nk = score.shape[-1]
+    n = ref.topk_count(nk, topk)
+    if n == nk:
+        idx = torch.arange(nk, dtype=torch.int32, device=q.device)
+        return idx.expand(*score.shape[:-1], nk)
+    kth = score.topk(n, dim=-1, sorted=True).values[..., -1:]
+    rank = (nk - torch.arange(nk, device=q.device)).float()  # larger for smaller block index
+    keyed = torch.where(score >= kth, rank, torch.zeros_like(rank))
+    return (nk - keyed.topk(n, dim=-1, sorted=True).values).to(torch.int32)
+
+
+def sagesla_node(q, k, v, block_idx, k_mean, v_amax, attrs: C.SageSLAAttrs) -> torch.Tensor:
+    """Emit the custom node (export only: eager torch gives no values for it)."""
+    C.check_shapes(tuple(q.shape), tuple(block_idx.shape), attrs)
+    out = torch.onnx.ops.symbolic(
+        f"{C.DOMAIN}::{C.OP_TYPE}", (q, k, v, block_idx, k_mean, v_amax), attrs.to_onnx(),
+        dtype=q.dtype, shape=q.shape, version=C.OPSET_VERSION,
+    )
+    return out.to(q.device)  # symbolic() makes its output on the CPU; tracing on meta needs one device
+
+
+def attrs_for(q_shape, config: ref.AttentionConfig) -> C.SageSLAAttrs:
+    L, D = q_shape[-2], q_shape[-1]
+    n = ref.topk_count(C.cdiv(L, config.block_k), config.topk)
+    return C.SageSLAAttrs(block_q=config.block_q, block_k=config.block_k, topk=n, sm_scale=D**-0.5,
+                          quant=quant_mode(config))
+
+
+def sla_attention_export(q, k, v, proj_l: nn.Linear, config: ref.AttentionConfig) -> torch.Tensor:
+    """`ref.sla_attention` for sla/sagesla with the sparse core as the custom node; `[B, H, L, D]`."""
+    attrs = attrs_for(q.shape, config)
+    idx = block_map_export(q, k, config.block_q, config.block_k, config.topk)
+    k_mean = k.float().mean(dim=-2, keepdim=True)
+    v_amax = v.float().abs().amax(dim=-2, keepdim=True)
+    o_s = sagesla_node(q, k, v, idx, k_mean, v_amax, attrs)
+    bias = None if proj_l.bias is None else proj_l.bias.float()
+    o_l = F.linear(ref._linear(q, k, v), proj_l.weight.float(), bias)
+    return (o_s.float() + o_l).to(q.dtype)
+
+
+# --- the function body ------------------------------------------------------------------------------
+
+class _SparseCore(nn.Module):
+    """The contract's signature around the float reference core (k_mean and v_amax unused: they only
+    feed the low-bit quantizers, and the body is the exact-softmax reference)."""
+
+    def __init__(self, block_q: int, block_k: int):
+        super().__init__()
+        self.block_q, self.block_k = block_q, block_k
+
+    def forward(self, q, k, v, block_idx, k_mean, v_amax):
+        return ref._sparse(q, k, v, block_idx, self.block_q, self.block_k).to(q.dtype)
+
+
+def function_body(q_shape, dtype: torch.dtype, attrs: C.SageSLAAttrs, opset: int) -> onnx.FunctionProto:
+    """FunctionProto `turbodiffusion.SageSLA` specialised to one static q shape (every layer's)."""
+    B, H, L, D = q_shape
+    nq = C.cdiv(L, attrs.block_q)
+    args = (
+        torch.randn(q_shape, dtype=dtype), torch.randn(q_shape, dtype=dtype), torch.randn(q_shape, dtype=dtype),
+        torch.zeros(B, H, nq, attrs.topk, dtype=torch.int32),
+        torch.zeros(B, H, 1, D), torch.ones(B, H, 1, D),
+    )
+    from turbotrt.export.onnx_graph import _quiet
+
+    with warnings.catch_warnings(), _quiet("torch.onnx"):
+        warnings.simplefilter("ignore")
+        prog = torch.onnx.export(_SparseCore(attrs.block_q, attrs.block_k).eval(), args, dynamo=True,
+                                 opset_version=opset, input_names=list(C.INPUT_NAMES),
+                                 output_names=list(C.OUTPUT_NAMES), optimize=False, verbose=False)
+    model = prog.model_proto
+    g = model.graph
+    nodes = [onnx.helper.make_node("Constant", [], [init.name], value=init) for init in g.initializer]
+    for i, n in enumerate(g.node):
+        n.name = f"SageSLA/{n.op_type}_{i}"
+        del n.metadata_props[:]
+    nodes += list(g.node)
+    used = {i for n in nodes for i in n.input}
+    inputs = [i.name for i in g.input]
+    missing = [i for i in inputs if i not in used and i not in ("k_mean", "v_amax")]
+    if missing:
+        raise RuntimeError(f"SageSLA body lost inputs {missing}")
+    return onnx.helper.make_function(
+        C.DOMAIN, C.OP_TYPE, inputs, [o.name for o in g.output], nodes,
+        opset_imports=[op for op in model.opset_import if op.domain in ("", "ai.onnx")],
+        attributes=list(C.SageSLAAttrs.__dataclass_fields__),
+    )
