@@ -138,3 +138,42 @@ def test_inspect_reports_facts(tmp_path, tiny_sd):
     assert info["parameters"] == sum(v.numel() for v in tiny_sd.values())
     assert info["problems"] == []
     assert pickle.dumps(info)  # plain data, printable as JSON
+
+
+def test_streamed_safetensors_equals_in_memory_state_dict(tmp_path):
+    from turbotrt.models.checkpoint import write_safetensors_streaming
+    from turbotrt.models.wan import random_wan_entries
+
+    cfg = get_config("wan-tiny")
+    for quant in (False, True):
+        path = write_safetensors_streaming(random_wan_entries(cfg, 3, "bf16", quant), tmp_path / f"s{quant}.safetensors")
+        ref = random_wan_state_dict(cfg, seed=3, dtype="bf16", quantized=quant)
+        got = read_state_dict(path)
+        assert list(got) == list(ref)
+        assert all(torch.equal(got[k], ref[k]) and got[k].dtype == ref[k].dtype for k in ref)
+    assert load_wan(path).config.name == "wan-tiny"
+
+
+def test_random_tensors_depend_on_name_and_seed_only():
+    from turbotrt.models.wan import random_tensor
+
+    a = random_tensor("blocks.0.self_attn.q.weight", (4, 4), seed=1)
+    assert torch.equal(a, random_tensor("blocks.0.self_attn.q.weight", (4, 4), seed=1))
+    assert not torch.equal(a, random_tensor("blocks.0.self_attn.k.weight", (4, 4), seed=1))
+    assert not torch.equal(a, random_tensor("blocks.0.self_attn.q.weight", (4, 4), seed=2))
+
+
+def test_file_pages_release_only_file_backed_memory(tmp_path, tiny_sd):
+    from turbotrt.models.checkpoint import FilePages
+
+    path = save_state_dict(tiny_sd, tmp_path / "tiny.pth")
+    sd = read_state_dict(path)
+    pages = FilePages(path)
+    key = "blocks.0.ffn.0.weight"
+    before = sd[key].clone()
+    assert pages.release(sd[key])  # mmap'd from the file: released
+    assert torch.equal(sd[key], before)  # and re-read from the file when touched again
+    anon = torch.randn(1000)
+    copy = anon.clone()
+    assert not pages.release(anon)  # anonymous memory is never released (it would read back as zeros)
+    assert torch.equal(anon, copy)

@@ -94,19 +94,25 @@ def inspect(checkpoint, as_json):
 def random_checkpoint(out, preset, seed, dtype, quant):
     """Write a DiT checkpoint with seeded random weights in TurboDiffusion's key layout.
 
-    For trying the tools without real weights. OUT ends in .pth or .safetensors."""
+    For trying the tools without real weights. OUT ends in .safetensors (written one tensor at a
+    time, so even the 14B presets fit in memory) or .pth (built in memory first)."""
     _needs_torch()
-    from turbotrt.models.checkpoint import CheckpointError, save_state_dict
+    from tqdm import tqdm
+
+    from turbotrt.models.checkpoint import CheckpointError, save_state_dict, write_safetensors_streaming
     from turbotrt.models.configs import get_config
-    from turbotrt.models.wan import random_wan_state_dict
+    from turbotrt.models.wan import random_wan_entries
 
     try:
         config = get_config(preset)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--preset") from None
-    sd = random_wan_state_dict(config, seed=seed, dtype=dtype, quantized=quant)
+    entries = random_wan_entries(config, seed=seed, dtype=dtype, quantized=quant)
     try:
-        save_state_dict(sd, out)
+        if out.lower().endswith(".safetensors"):
+            write_safetensors_streaming(tqdm(entries, desc="tensors", leave=False), out)
+        else:
+            save_state_dict({name: make() for name, _, _, make in tqdm(entries, desc="tensors", leave=False)}, out)
     except CheckpointError as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"wrote {out}: {preset}, {dtype}{', -quant' if quant else ''}, seed {seed}")

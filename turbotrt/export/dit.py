@@ -13,6 +13,7 @@ from turbotrt.export.configs import ExportSpec
 from turbotrt.export.onnx_graph import OPSET, attach_function, name_nodes_by_module, trace, write_model
 from turbotrt.models.attention import AttentionConfig
 from turbotrt.models.checkpoint import (
+    FilePages,
     check_state_dict,
     detect_wan_preset,
     expected_shapes,
@@ -57,14 +58,27 @@ def checkpoint_weights(path: str | os.PathLike, config: WanConfig) -> Callable[[
     hint = f"the checkpoint's shapes fit preset {detected!r}" if detected and detected != config.name else ""
     check_state_dict(expected, sd, f"preset {config.name!r}", hint)
 
+    pages = FilePages(path)
+
+    def sources(name: str) -> list[str]:
+        stem = name.removesuffix(".weight")
+        return [name] if name in sd else [f"{stem}.int8_weight", f"{stem}.scale"]
+
     def get(name: str) -> torch.Tensor:
         if name in sd:
             return sd[name]
-        stem = name.removesuffix(".weight")
-        if f"{stem}.int8_weight" in sd:
-            return dequantize_tiles(sd[f"{stem}.int8_weight"], sd[f"{stem}.scale"])
+        src = sources(name)
+        if src[0] in sd:
+            return dequantize_tiles(sd[src[0]], sd[src[1]])
         raise KeyError(f"checkpoint has no tensor for {name}")
 
+    def release(name: str) -> None:
+        """Called once a weight is on disk: its checkpoint pages leave this process's RSS."""
+        for key in sources(name):
+            if key in sd:
+                pages.release(sd[key])
+
+    get.release = release
     return get
 
 

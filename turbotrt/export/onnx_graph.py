@@ -128,6 +128,7 @@ def write_model(
     data_name = path.name + ".data"
     tmp_graph, tmp_data = path.with_name(f".{path.name}.partial"), path.with_name(f".{data_name}.partial")
     get = weight_source.__getitem__ if isinstance(weight_source, Mapping) else weight_source
+    release = getattr(weight_source, "release", None)
     model = traced.model
     inits = []
     try:
@@ -148,6 +149,8 @@ def write_model(
                     entry.key, entry.value = k, v
                 inits.append(tp)
                 del t, raw
+                if release is not None:  # e.g. drop an mmap'd checkpoint tensor's pages from RSS
+                    release(slot.name)
             f.flush()
             os.fsync(f.fileno())
         model.graph.initializer.extend(inits)

@@ -93,10 +93,11 @@ def function_body(q_shape, dtype: torch.dtype, attrs: C.SageSLAAttrs, opset: int
     """FunctionProto `turbodiffusion.SageSLA` specialised to one static q shape (every layer's)."""
     B, H, L, D = q_shape
     nq = C.cdiv(L, attrs.block_q)
+    meta = dict(device="meta")  # shapes only: a 480p body needs no activation memory to trace
     args = (
-        torch.randn(q_shape, dtype=dtype), torch.randn(q_shape, dtype=dtype), torch.randn(q_shape, dtype=dtype),
-        torch.zeros(B, H, nq, attrs.topk, dtype=torch.int32),
-        torch.zeros(B, H, 1, D), torch.ones(B, H, 1, D),
+        torch.empty(q_shape, dtype=dtype, **meta), torch.empty(q_shape, dtype=dtype, **meta),
+        torch.empty(q_shape, dtype=dtype, **meta), torch.empty(B, H, nq, attrs.topk, dtype=torch.int32, **meta),
+        torch.empty(B, H, 1, D, **meta), torch.empty(B, H, 1, D, **meta),
     )
     from turbotrt.export.onnx_graph import _quiet
 

@@ -249,3 +249,98 @@ def save_state_dict(sd: Mapping[str, torch.Tensor], path) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int8: "I8",
+              torch.int32: "I32", torch.int64: "I64", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def write_safetensors_streaming(entries, path) -> Path:
+    """Write a .safetensors file one tensor at a time: entries = [(name, dtype, shape, make)].
+
+    `make()` produces each tensor only when its turn comes, so a checkpoint larger than RAM can be
+    written (the header is computed from shapes first). Atomic: temp file, then rename.
+    """
+    import json
+
+    path = Path(path)
+    header, offset = {}, 0
+    for name, dtype, shape, _ in entries:
+        n = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(len(head).to_bytes(8, "little") + head)
+            for name, dtype, shape, make in entries:
+                t = make()
+                if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+                    raise CheckpointError(f"{name}: made {t.dtype} {tuple(t.shape)}, declared {dtype} {tuple(shape)}")
+                f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+class FilePages:
+    """Give back the RAM of an mmap'd checkpoint tensor once it has been used (Linux; else a no-op).
+
+    Pages of a memory-mapped file count towards a process's RSS once touched. Streaming a 28 GB
+    checkpoint through an export would therefore look like (and, under pressure, behave like) 28 GB
+    resident. After a tensor is written out, madvise(MADV_DONTNEED) drops its pages; they are
+    re-read from the file if touched again. Only ranges that /proc/self/maps shows as backed by this
+    very file are released, so anonymous memory (whose contents MADV_DONTNEED would zero) is never
+    touched.
+    """
+
+    MADV_DONTNEED = 4
+
+    def __init__(self, path):
+        self.path = str(Path(path).resolve())
+        self._ranges: list[tuple[int, int]] = []
+        self._libc = None
+        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+        try:
+            import ctypes
+
+            self._libc = ctypes.CDLL(None, use_errno=True)
+            self._ctypes = ctypes
+        except OSError:
+            pass
+
+    def _refresh(self) -> None:
+        try:
+            with open("/proc/self/maps") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            return
+        ranges = []
+        for line in lines:
+            parts = line.split(maxsplit=5)
+            if len(parts) == 6 and parts[5] == self.path:
+                lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                ranges.append((lo, hi))
+        self._ranges = ranges
+
+    def _mapped(self, lo: int, hi: int) -> bool:
+        return any(a <= lo and hi <= b for a, b in self._ranges)
+
+    def release(self, t: torch.Tensor) -> bool:
+        if self._libc is None or t.numel() == 0 or t.device.type != "cpu":
+            return False
+        lo = t.data_ptr()
+        hi = lo + t.numel() * t.element_size()
+        if not self._mapped(lo, hi):
+            self._refresh()
+            if not self._mapped(lo, hi):
+                return False
+        start = lo - lo % self._page
+        end = hi + (-hi % self._page)
+        end = min(end, next(b for a, b in self._ranges if a <= lo < b))
+        return self._libc.madvise(self._ctypes.c_void_p(start), self._ctypes.c_size_t(end - start), self.MADV_DONTNEED) == 0

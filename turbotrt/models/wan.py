@@ -11,6 +11,7 @@ so its checkpoints load with `strict=True`.
 from __future__ import annotations
 
 import math
+import zlib
 
 import torch
 import torch.nn.functional as F
@@ -263,26 +264,32 @@ class WanModel(nn.Module):
         return self.unpatchify(self.head(h, e), grid)
 
 
-def init_random_(model: WanModel, seed: int = 0, proj_l_std: float = 0.02) -> WanModel:
-    """Seeded random weights, the same on every machine (a CPU generator), for tiny built-in models.
+def random_tensor(name: str, shape, seed: int = 0, proj_l_std: float = 0.02) -> torch.Tensor:
+    """The seeded random value of one parameter (fp32), a function of (seed, name) only.
 
-    proj_l is zero in a freshly initialised TurboDiffusion model; here it gets small random values so
-    the linear branch of SLA actually contributes and is tested.
+    Per-name generators let a checkpoint of any size be generated one tensor at a time, the same on
+    every machine. proj_l is zero in a freshly initialised TurboDiffusion model; here it gets small
+    random values so the linear branch of SLA contributes and is tested.
     """
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    shape = tuple(shape)
+    val = torch.randn(shape, generator=g)
+    if name.endswith("modulation"):
+        return val / shape[-1] ** 0.5
+    if "norm" in name and name.endswith("weight"):
+        return 1.0 + 0.1 * val
+    if "proj_l" in name:
+        return proj_l_std * val
+    if len(shape) == 2:
+        return val / math.sqrt(shape[1])
+    return 0.02 * val
+
+
+def init_random_(model: WanModel, seed: int = 0) -> WanModel:
+    """Fill a model with `random_tensor` values (for the tiny built-in models and tests)."""
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("modulation"):
-                val = torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5
-            elif "norm" in name and name.endswith("weight"):
-                val = 1.0 + 0.1 * torch.randn(p.shape, generator=g)
-            elif "proj_l" in name:
-                val = proj_l_std * torch.randn(p.shape, generator=g)
-            elif p.ndim == 2:
-                val = torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1])
-            else:
-                val = 0.02 * torch.randn(p.shape, generator=g)
-            p.copy_(val.to(p.dtype))
+            p.copy_(random_tensor(name, p.shape, seed).to(p.dtype))
     return model
 
 
@@ -298,10 +305,39 @@ def random_wan_state_dict(config: WanConfig, seed: int = 0, dtype: str = "bf16",
 
     proj_l is kept in fp32 like TurboDiffusion's; `quantized` gives the W8A8 `-quant` layout.
     """
-    model = init_random_(WanModel(config), seed)
-    sd = {k: (v if "proj_l" in k else v.to(DTYPES[dtype])) for k, v in model.state_dict().items()}
-    if quantized:
-        from turbotrt.models.int8 import quantize_state_dict
+    return {name: make() for name, _, _, make in random_wan_entries(config, seed, dtype, quantized)}
 
-        sd = quantize_state_dict(sd)
-    return sd
+
+def random_checkpoint_tensor(name: str, shape, seed: int = 0, dtype: str = "bf16") -> torch.Tensor:
+    """One tensor of a random checkpoint: `random_tensor` in the stored dtype (proj_l stays fp32)."""
+    t = random_tensor(name, shape, seed)
+    return t if "proj_l" in name else t.to(DTYPES[dtype])
+
+
+def random_wan_entries(config: WanConfig, seed: int = 0, dtype: str = "bf16", quantized: bool = False) -> list:
+    """[(name, dtype, shape, make)] of a random checkpoint, each tensor made on demand.
+
+    For `write_safetensors_streaming`: a 14B checkpoint (28 GB) is written without holding it.
+    """
+    from turbotrt.models.int8 import TILE, is_quantized_key, quantize_tiles
+
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in WanModel(config).state_dict().items()}
+    pending = {}  # int8 weight and scale come from one quantization: keep it until both are taken
+
+    def quantized_part(name, shape, part):
+        if name not in pending:
+            pending[name] = quantize_tiles(random_checkpoint_tensor(name, shape, seed, dtype))
+        return pending.pop(name)[part] if part == 1 else pending[name][part]
+
+    entries = []
+    for name, shape in shapes.items():
+        prefix, _, leaf = name.rpartition(".")
+        if quantized and leaf == "weight" and len(shape) == 2 and is_quantized_key(prefix):
+            tiles = (-(-shape[0] // TILE), -(-shape[1] // TILE))
+            entries.append((f"{prefix}.int8_weight", torch.int8, shape, lambda n=name, s=shape: quantized_part(n, s, 0)))
+            entries.append((f"{prefix}.scale", torch.float32, tiles, lambda n=name, s=shape: quantized_part(n, s, 1)))
+        else:
+            dt = torch.float32 if "proj_l" in name else DTYPES[dtype]
+            entries.append((name, dt, shape, lambda n=name, s=shape: random_checkpoint_tensor(n, s, seed, dtype)))
+    return entries
