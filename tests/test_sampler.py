@@ -101,3 +101,18 @@ def test_timestep_sinusoid_matches_the_model():
     t = torch.tensor([988.0, 0.0, 608.0])
     # Both float64 then rounded once to fp32: equal bit for bit.
     np.testing.assert_array_equal(timestep_sinusoid(t.numpy()), sinusoidal_embedding(256, t).numpy())
+
+
+def test_numpy_noise_stream_is_what_the_reference_draws():
+    from turbotrt.models.configs import get_config
+    from turbotrt.runtime.rcm import NoiseStream
+
+    cfg = get_config("wan-tiny")
+    shape = (1, 16, 1, 2, 2)
+    x = generate_latents(_Velocity(0.0, cfg), torch.zeros(1, 8, 4), shape, steps=1, seed=5, noise="numpy")
+    s = NoiseStream(5)
+    n0, n1 = s(shape), s(shape)
+    t = rcm_times(1, 80.0)
+    v = float(np.float32(net_timesteps(t)[0]) / np.float32(1000))  # the stand-in computes v in fp32
+    ref = (1 - t[1]) * (n0.astype(np.float64) * t[0] - t[0] * v) + t[1] * n1
+    np.testing.assert_array_equal(x.numpy(), ref.astype(np.float32))

@@ -86,7 +86,7 @@ class ReferencePipeline:
 
     @torch.no_grad()
     def __call__(self, prompt: str, seed: int = 0, steps: int = 4, profile: ShapeProfile | None = None,
-                 image: np.ndarray | None = None, ode: bool = False, noise_device="cpu") -> Video:
+                 image: np.ndarray | None = None, ode: bool = False, noise_device="cpu", noise: str = "torch") -> Video:
         cfg = self.config
         profile = profile or default_profile(cfg)
         if cfg.is_i2v and image is None:
@@ -97,7 +97,7 @@ class ReferencePipeline:
         y = i2v_condition(self.vae, image, profile) if image is not None else None
         shape = (1, *profile.latent_shape(cfg.out_dim))
         latents = generate_latents(self.dit, context, shape, steps=steps, seed=seed, y=y, ode=ode,
-                                   noise_device=noise_device)
+                                   noise_device=noise_device, noise=noise)
         video = self.vae.decode(latents.to(self.vae.dtype)).float()
         return Video(latents_video_to_uint8(video.numpy()), latents,
                      info=dict(prompt=prompt, seed=seed, steps=steps, profile=profile.name))

@@ -11,7 +11,7 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 
-from turbotrt.runtime.rcm import expert_for_step, net_timesteps, ode_step, rcm_times, sde_step, validate_steps
+from turbotrt.runtime.rcm import NoiseStream, expert_for_step, net_timesteps, ode_step, rcm_times, sde_step, validate_steps
 
 __all__ = ["rcm_timesteps", "net_timesteps", "rcm_times", "generate_latents", "make_generator"]
 
@@ -50,6 +50,7 @@ def generate_latents(
     ode: bool = False,
     noise_device="cpu",
     callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+    noise: str = "torch",
 ) -> torch.Tensor:
     """Sample latents [B, 16, T, H, W] with rCM; returns fp32.
 
@@ -60,6 +61,8 @@ def generate_latents(
     Noise comes from one torch generator seeded with `seed` on `noise_device` (TurboDiffusion draws
     on the GPU; a CUDA generator's numbers differ from a CPU one's, so say which you compare with).
     callback(step, x, v) sees every step's input and velocity (calibration uses the trajectory).
+    noise="numpy" draws from `turbotrt.runtime.rcm.NoiseStream(seed)` instead: what the torch-free
+    runtime uses, so a bundle's output can be compared with this reference exactly.
     """
     first = next(iter(model_or_experts.values())) if isinstance(model_or_experts, Mapping) else model_or_experts
     config = first.config
@@ -71,8 +74,19 @@ def generate_latents(
         raise ValueError(f"conditioning batch {y.shape[0]} != latent batch {shape[0]}")
 
     device = context.device
-    g = make_generator(seed, noise_device)
-    x = torch.randn(shape, generator=g, dtype=torch.float32, device=noise_device).to(device, torch.float64) * float(times[0])
+    if noise == "torch":
+        g = make_generator(seed, noise_device)
+
+        def draw():
+            return torch.randn(shape, generator=g, dtype=torch.float32, device=noise_device).to(device)
+    elif noise == "numpy":
+        stream = NoiseStream(seed)
+
+        def draw():
+            return torch.from_numpy(stream(shape)).to(device)
+    else:
+        raise ValueError(f"noise must be 'torch' or 'numpy', got {noise!r}")
+    x = draw().to(torch.float64) * float(times[0])
     for i in range(steps):
         t_cur, t_next = float(times[i]), float(times[i + 1])
         model = _pick_model(model_or_experts, t_cur, config)
@@ -83,8 +97,7 @@ def generate_latents(
         if ode:
             x = ode_step(x, v, t_cur, t_next)
         else:
-            noise = torch.randn(shape, generator=g, dtype=torch.float32, device=noise_device).to(device)
-            x = sde_step(x, v, t_cur, t_next, noise.double())  # drawn at the last step too, as upstream
+            x = sde_step(x, v, t_cur, t_next, draw().double())  # drawn at the last step too, as upstream
     return x.float()
 
 
