@@ -136,16 +136,24 @@ def random_checkpoint(out, preset, seed, dtype, quant):
 @click.option("--preset", default=None, help="Preset of a checkpoint whose shapes do not identify it.")
 @click.option("--low-noise", type=click.Path(exists=True, dir_okay=False), default=None,
               help="I2V A14B: the low-noise expert's checkpoint (SOURCE is the high-noise one).")
+@click.option("--text-encoder", "text_encoder", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="umT5 checkpoint (models_t5_umt5-xxl-enc-bf16.pth) to include.")
+@click.option("--vae", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Wan VAE checkpoint (Wan2.1_VAE.pth) to include.")
+@click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="umT5 sentencepiece model (spiece.model) or tokenizer.json to ship in the bundle.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the tiny presets' weights and of validation inputs.")
 @click.option("--validate/--no-validate", default=None,
               help="Compare ONNX Runtime with PyTorch (default: on for small models).")
 @click.option("--onnx-only", is_flag=True, help="Stop after ONNX (engines are built by `turbotrt build` with TensorRT).")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 def export(source, out, resolution, aspect, frames, precision, attention, sla_topk, block_q, block_k, v_dtype,
-           preset, low_noise, seed, validate, onnx_only, force):
-    """Export SOURCE (a checkpoint, or a tiny preset such as wan-tiny) to ONNX graphs in --out.
+           preset, low_noise, text_encoder, vae, tokenizer, seed, validate, onnx_only, force):
+    """Export SOURCE (a DiT checkpoint, or a tiny preset such as wan-tiny) to a bundle in --out.
 
-    Self-attention becomes one turbodiffusion::SageSLA node per layer, carrying its reference math
+    The bundle holds the DiT (each I2V expert), umT5 and the VAE step graphs as ONNX with external
+    weights, the tokenizer and manifest.json (shapes, sampler, attention geometry, sha256 of every
+    file). Self-attention becomes one turbodiffusion::SageSLA node per layer, carrying its reference math
     as an ONNX function (ONNX Runtime runs it; TensorRT swaps in the plugin). Weights stream from
     the checkpoint into external data, one tensor at a time."""
     _needs_torch()
@@ -160,7 +168,8 @@ def export(source, out, resolution, aspect, frames, precision, attention, sla_to
     try:
         result = run(source, out, resolution=resolution, frames=frames, aspect=aspect, precision=precision,
                      attention=attention, sla_topk=sla_topk, block_q=block_q, block_k=block_k, v_dtype=v_dtype,
-                     preset=preset, low_noise=low_noise, seed=seed, validate=validate, force=force,
+                     preset=preset, low_noise=low_noise, text_encoder=text_encoder, vae=vae, tokenizer=tokenizer,
+                     seed=seed, validate=validate, force=force,
                      log=click.echo, progress=bar)
     except (ExportError, CheckpointError, ValueError) as e:
         raise click.ClickException(str(e)) from None
@@ -168,6 +177,170 @@ def export(source, out, resolution, aspect, frames, precision, attention, sla_to
     click.echo("engines: not built here (TensorRT engines come from `turbotrt build` on the target GPU)")
     if not result.passed:
         raise click.ClickException("validation failed: see the report above")
+
+
+def _read_image(path):
+    import av
+
+    with av.open(str(path)) as src:
+        return next(src.decode(video=0)).to_ndarray(format="rgb24")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--prompt", required=True, help="What the video shows.")
+@click.option("--out", default="video.mp4", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--steps", default=4, show_default=True, type=click.IntRange(1, 4), help="rCM steps (1-4).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--image", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="I2V bundles: the first frame, at the bundle's resolution.")
+@click.option("--ode", is_flag=True, help="Deterministic ODE sampling (I2V) instead of rCM's SDE steps.")
+@click.option("--backend", type=click.Choice(["auto", "trt", "ort"]), default="auto", show_default=True,
+              help="auto: TensorRT engines for this GPU when present, else ONNX Runtime (it says which).")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Check the sha256 of every bundle file before loading (slow for large bundles).")
+def run(bundle, prompt, out, steps, seed, image, ode, backend, verify):
+    """Generate a video from BUNDLE with the lean runtime (no PyTorch)."""
+    import time
+
+    from turbotrt.bundle import BundleError
+    from turbotrt.runtime.pipeline import Pipeline
+
+    start = time.perf_counter()
+    try:
+        pipe = Pipeline.from_bundle(bundle, backend=backend, verify=verify, log=click.echo)
+        result = pipe(prompt, seed=seed, steps=steps, image=_read_image(image) if image else None, ode=ode)
+    except (BundleError, RuntimeError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    result.save(out)
+    t, h, w, _ = result.frames.shape
+    stages = ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items())
+    click.echo(f"wrote {out}: {t} frames {w}x{h}, {steps} steps, seed {seed} ({time.perf_counter() - start:.1f} s; {stages})")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--prompt", default="a red bird flies over a river at night", show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--steps", default=4, show_default=True, type=click.IntRange(1, 4))
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the report here.")
+def validate(bundle, prompt, seed, steps, json_out):
+    """Check BUNDLE: each graph in ONNX Runtime against PyTorch (weights read from the bundle),
+    TensorRT against ONNX Runtime where TensorRT is installed, and the runtime against the PyTorch
+    reference pipeline end to end (same prompt and seed)."""
+    _needs_torch()
+    from dataclasses import asdict
+
+    from turbotrt.bundle import BundleError
+    from turbotrt.export.validate_bundle import validate_bundle
+
+    try:
+        result = validate_bundle(bundle, prompt=prompt, seed=seed, steps=steps, log=click.echo)
+    except BundleError as e:
+        raise click.ClickException(str(e)) from None
+    if json_out:
+        report = dict(graphs=[r.to_dict() for r in result.graphs], skipped=result.skipped,
+                      end_to_end=result.end_to_end, passed=result.passed)
+        with open(json_out, "w") as f:
+            json.dump(report, f, indent=2, default=str)
+    if not result.passed:
+        raise click.ClickException("validation failed")
+    click.echo("bundle valid" + (f" ({len(result.skipped)} checks skipped)" if result.skipped else ""))
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--steps", default=4, show_default=True, type=click.IntRange(1, 4))
+@click.option("--repeat", default=3, show_default=True, type=click.IntRange(1, 100))
+@click.option("--backend", type=click.Choice(["auto", "trt", "ort"]), default="auto", show_default=True)
+def bench(bundle, steps, repeat, backend):
+    """Per-stage latency of BUNDLE (text, each step, VAE; median of --repeat runs) and peak memory."""
+    import resource
+    import statistics
+    import time
+
+    from turbotrt.bundle import BundleError
+    from turbotrt.runtime.pipeline import Pipeline
+
+    try:
+        pipe = Pipeline.from_bundle(bundle, backend=backend, log=click.echo)
+        start = time.perf_counter()
+        pipe("warm-up", seed=0, steps=steps)
+        click.echo(f"first run (loads every graph): {time.perf_counter() - start:.2f} s")
+        runs = [pipe("a red bird flies over a river at night", seed=i, steps=steps).timings for i in range(repeat)]
+    except (BundleError, RuntimeError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"{pipe.backend.describe()}, {repeat} runs, median seconds:")
+    for stage in runs[0]:
+        click.echo(f"  {stage:8s} {statistics.median(r[stage] for r in runs):8.3f}")
+    click.echo(f"  {'total':8s} {statistics.median(sum(r.values()) for r in runs):8.3f}")
+    click.echo(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+
+
+@main.command()
+def doctor():
+    """What this machine has (Python, PyTorch, ONNX Runtime, TensorRT, Triton, GPU) and what runs here."""
+    import importlib
+    import platform
+
+    from turbotrt.runtime.gpu import gpus
+
+    def version(mod):
+        try:
+            return importlib.import_module(mod).__version__
+        except Exception as e:  # a broken install is worth reporting, not crashing on
+            return None if isinstance(e, ImportError) else f"broken ({e})"
+
+    found = gpus()
+    v = {m: version(m) for m in ("torch", "onnxruntime", "onnx", "tensorrt", "triton", "polygraphy")}
+    click.echo(f"python        {platform.python_version()} ({platform.machine()})")
+    for m, ver in v.items():
+        click.echo(f"{m:13s} {ver or 'not installed'}")
+    if v["onnxruntime"]:
+        import onnxruntime
+
+        click.echo(f"ort providers {', '.join(onnxruntime.get_available_providers())}")
+    click.echo("gpu           " + ("; ".join(f"{g['name']} ({g['compute_capability']}, {g['memory_mib']} MiB)"
+                                           for g in found) or "none found (nvidia-smi)"))
+    click.echo("\ncan run here:")
+    click.echo(f"  bundles with ONNX Runtime      {'yes' if v['onnxruntime'] else 'no: pip install onnxruntime'}")
+    click.echo(f"  export / validate / reference  {'yes' if v['torch'] else 'no: pip install turbotrt[export]'}")
+    trt_ok = bool(v["tensorrt"]) and bool(found)
+    click.echo(f"  TensorRT engines (build, run)  {'yes' if trt_ok else 'no: needs TensorRT >= 10.9 and an NVIDIA GPU'}")
+    click.echo(f"  SageSLA Triton kernels         {'yes' if v['triton'] and found else 'interpreter/PTX only (no GPU)' if v['triton'] else 'no: needs triton'}")
+
+
+@main.command()
+@click.option("--out", default=".", show_default=True, type=click.Path(file_okay=False),
+              help="Where the bundle and the video go.")
+@click.option("--prompt", default="a red bird flies over a river at night", show_default=True)
+@click.option("--seed", default=0, show_default=True)
+def demo(out, prompt, seed):
+    """Export the built-in tiny model into a bundle and generate a video from it on the CPU.
+
+    Writes OUT/turbotrt-demo-bundle (ONNX graphs, tokenizer, manifest) and OUT/turbotrt-demo.mp4,
+    running the bundle with ONNX Runtime and no PyTorch in the loop. The tiny model's weights are
+    seeded random numbers, so the video is noise-like: it proves the pipeline, not a model."""
+    _needs_torch()
+    import resource
+    import time
+    from pathlib import Path
+
+    from turbotrt.export.api import export as run_export
+    from turbotrt.runtime.pipeline import Pipeline
+
+    start = time.perf_counter()
+    out = Path(out)
+    bundle = out / "turbotrt-demo-bundle"
+    result = run_export("wan-tiny", bundle, precision="fp32", attention="sagesla", force=True, log=click.echo)
+    if not result.passed:
+        raise click.ClickException("the exported graphs did not validate; see the reports above")
+    pipe = Pipeline.from_bundle(bundle, backend="ort", log=click.echo)
+    video = pipe(prompt, seed=seed, steps=4)
+    path = video.save(out / "turbotrt-demo.mp4")
+    t, h, w, _ = video.frames.shape
+    click.echo(f"wrote {path}: {t} frames {w}x{h} from {bundle} in {time.perf_counter() - start:.1f} s "
+               f"(peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB)")
 
 
 @main.command()
