@@ -373,5 +373,14 @@ def generate(preset, prompt, out, seed, steps, frames):
                f"({time.perf_counter() - start:.1f} s)")
 
 
+def _register_optional_commands():
+    """Commands defined beside the code they drive; imported lazily by click only when listed."""
+    from turbotrt.export.engine import build_command
+
+    main.add_command(build_command, "build")
+
+
+_register_optional_commands()
+
 if __name__ == "__main__":
     main()

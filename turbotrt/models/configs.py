@@ -70,7 +70,7 @@ class WanConfig:
 _FULL = dict(text_encoder="umt5-xxl", vae="wan2.1-vae")
 _TINY = dict(dim=256, ffn_dim=512, num_heads=2, num_layers=2, text_dim=64, text_encoder="umt5-tiny",
              vae="wan-vae-tiny", resolutions=("tiny",), default_resolution="tiny", default_frames=17,
-             sla_block_q=64, sla_block_k=64, sla_topk=0.5)  # 160 tokens: 3x3 blocks, 1 kept per row
+             sla_topk=0.5)  # 160 tokens in the real 128/64 geometry: 2 query x 3 key blocks, 1 kept per row
 
 PRESETS: dict[str, WanConfig] = {
     c.name: c
