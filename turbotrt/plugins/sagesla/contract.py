@@ -20,6 +20,9 @@ Inputs (all contiguous, row-major):
 Output:
   0 o_s       [B, H, L, D]    same dtype as q
 Attributes: block_q, block_k, topk (= n), sm_scale (D^-0.5), quant, plugin_namespace, plugin_version.
+Supported by the kernels: D in {64, 128}; (block_q, block_k) in {(128, 64), (64, 128)}; pointers
+16-byte aligned (TensorRT allocates at 256). Other geometries export and run in ONNX Runtime, but
+`turbotrt build` refuses them.
 
 quant: "none" is exact softmax attention over the kept blocks (TurboDiffusion's `sla`); "int8_fp8"
 and "int8_fp16" are SageSLA (INT8 Q/K per block, P and V in FP8 e4m3 or fp16), whose reference is
@@ -89,6 +92,6 @@ def check_shapes(q_shape, block_idx_shape, attrs: SageSLAAttrs) -> tuple[int, ..
         raise ValueError(f"SageSLA block_idx must be {want} for q {tuple(q_shape)} and {attrs}, got {tuple(block_idx_shape)}")
     if attrs.topk > cdiv(L, attrs.block_k):
         raise ValueError(f"topk {attrs.topk} exceeds the {cdiv(L, attrs.block_k)} key blocks of L={L}")
-    if attrs.quant != "none" and D not in QUANT_HEAD_DIMS:
-        raise ValueError(f"SageSLA {attrs.quant} supports head_dim {QUANT_HEAD_DIMS}, got {D}")
+    if D not in QUANT_HEAD_DIMS:  # the kernels (all modes) are built for these head dims only
+        raise ValueError(f"SageSLA ({attrs.quant}) supports head_dim {QUANT_HEAD_DIMS}, got {D}")
     return tuple(q_shape)
