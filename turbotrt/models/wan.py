@@ -111,8 +111,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 # --- attention ---------------------------------------------------------------------------------------
 
-class SelfAttention(nn.Module):
-    def __init__(self, cfg: WanConfig, attention: AttentionConfig):
+class _Projections(nn.Module):
+    """q/k/v/o and the full-dim q/k RMSNorms, shared by both attentions (TurboDiffusion's names)."""
+
+    def __init__(self, cfg: WanConfig):
         super().__init__()
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
         self.q = nn.Linear(cfg.dim, cfg.dim)
@@ -121,6 +123,11 @@ class SelfAttention(nn.Module):
         self.o = nn.Linear(cfg.dim, cfg.dim)
         self.norm_q = WanRMSNorm(cfg.dim, cfg.eps)
         self.norm_k = WanRMSNorm(cfg.dim, cfg.eps)
+
+
+class SelfAttention(_Projections):
+    def __init__(self, cfg: WanConfig, attention: AttentionConfig):
+        super().__init__(cfg)
         self.attn_op = AttentionOp(cfg.head_dim, attention)
 
     def forward(self, x, cos, sin):
@@ -132,18 +139,8 @@ class SelfAttention(nn.Module):
         return self.o(out.flatten(-2))
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(_Projections):
     """Dense attention from video tokens to all text positions (no mask, never sparse)."""
-
-    def __init__(self, cfg: WanConfig):
-        super().__init__()
-        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
-        self.q = nn.Linear(cfg.dim, cfg.dim)
-        self.k = nn.Linear(cfg.dim, cfg.dim)
-        self.v = nn.Linear(cfg.dim, cfg.dim)
-        self.o = nn.Linear(cfg.dim, cfg.dim)
-        self.norm_q = WanRMSNorm(cfg.dim, cfg.eps)
-        self.norm_k = WanRMSNorm(cfg.dim, cfg.eps)
 
     def forward(self, x, context):
         heads = (self.num_heads, self.head_dim)
