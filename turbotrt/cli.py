@@ -145,10 +145,13 @@ def random_checkpoint(out, preset, seed, dtype, quant):
 @click.option("--seed", default=0, show_default=True, help="Seed of the tiny presets' weights and of validation inputs.")
 @click.option("--validate/--no-validate", default=None,
               help="Compare ONNX Runtime with PyTorch (default: on for small models).")
-@click.option("--onnx-only", is_flag=True, help="Stop after ONNX (engines are built by `turbotrt build` with TensorRT).")
+@click.option("--target", default="auto", show_default=True,
+              help="GPU target of the engines (auto = this machine's GPU, or sm_80/86/89/90/100/120). Engines are "
+                   "built when TensorRT and that GPU are here; otherwise export stops after ONNX and says so.")
+@click.option("--onnx-only", is_flag=True, help="Stop after ONNX (build engines later with `turbotrt build`).")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 def export(source, out, resolution, aspect, frames, precision, attention, sla_topk, block_q, block_k, v_dtype,
-           preset, low_noise, text_encoder, vae, tokenizer, seed, validate, onnx_only, force):
+           preset, low_noise, text_encoder, vae, tokenizer, seed, validate, target, onnx_only, force):
     """Export SOURCE (a DiT checkpoint, or a tiny preset such as wan-tiny) to a bundle in --out.
 
     The bundle holds the DiT (each I2V expert), umT5 and the VAE step graphs as ONNX with external
@@ -174,9 +177,18 @@ def export(source, out, resolution, aspect, frames, precision, attention, sla_to
     except (ExportError, CheckpointError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"exported {', '.join(result.graphs)} to {result.out} in {result.seconds:.1f} s")
-    click.echo("engines: not built here (TensorRT engines come from `turbotrt build` on the target GPU)")
     if not result.passed:
         raise click.ClickException("validation failed: see the report above")
+    if onnx_only:
+        click.echo(f"engines: not built (--onnx-only); `turbotrt build {result.out} --target ...` builds them")
+        return
+    from turbotrt.export.engine import BuildError, BuildOptions, build_engines
+
+    try:
+        build_engines(result.out, BuildOptions(target=target), log=click.echo, verify=False)
+    except BuildError as e:
+        click.echo(f"engines: not built here ({e}).\nThe bundle is complete without them: run "
+                   f"`turbotrt build {result.out} --target {target}` on the GPU machine.")
 
 
 def _read_image(path):
