@@ -124,8 +124,9 @@ def random_checkpoint(out, preset, seed, dtype, quant):
 @click.option("--resolution", default=None, help="480p, 720p or tiny (default: the preset's).")
 @click.option("--aspect", default="16:9", show_default=True, help="16:9, 9:16 or 1:1.")
 @click.option("--frames", type=int, default=None, help="Video frames, 4k+1 (default: the preset's, 81 for real models).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="bf16", show_default=True,
-              help="Weights and activations; norms, modulation and the head stay fp32.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int8", "fp8"]), default="bf16",
+              show_default=True, help="Weights and activations; norms, modulation and the head stay fp32. "
+              "int8/fp8: calibrate the DiT into explicit Q/DQ (default observer; `turbotrt calibrate` has all options).")
 @click.option("--attention", type=click.Choice(["sagesla", "sla", "dense"]), default="sagesla", show_default=True,
               help="Self-attention: SageSLA custom op (low-bit plugin in TensorRT), SLA (float plugin) or dense.")
 @click.option("--sla-topk", type=float, default=None, help="Fraction of key blocks kept (default: preset's, 0.1).")
@@ -160,6 +161,9 @@ def export(source, out, resolution, aspect, frames, precision, attention, sla_to
     as an ONNX function (ONNX Runtime runs it; TensorRT swaps in the plugin). Weights stream from
     the checkpoint into external data, one tensor at a time."""
     _needs_torch()
+    import shutil
+    from pathlib import Path
+
     from tqdm import tqdm
 
     from turbotrt.export.api import ExportError, export as run
@@ -168,6 +172,18 @@ def export(source, out, resolution, aspect, frames, precision, attention, sla_to
     def bar(items):
         return tqdm(items, desc="  weights", unit="tensor", leave=False)
 
+    if precision in ("int8", "fp8"):
+        from turbotrt.calibration.api import calibrate
+
+        if force and Path(out).exists():
+            shutil.rmtree(out)
+        try:
+            report = calibrate(source, out, mode=precision, attention="sla" if attention == "dense" else attention,
+                               text_encoder=text_encoder, tokenizer=tokenizer, log=click.echo, force=force)
+        except (ValueError, RuntimeError) as e:
+            raise click.ClickException(str(e)) from None
+        click.echo(f"calibrated {precision} bundle in {out}")
+        return report
     try:
         result = run(source, out, resolution=resolution, frames=frames, aspect=aspect, precision=precision,
                      attention=attention, sla_topk=sla_topk, block_q=block_q, block_k=block_k, v_dtype=v_dtype,
@@ -387,9 +403,11 @@ def generate(preset, prompt, out, seed, steps, frames):
 
 def _register_optional_commands():
     """Commands defined beside the code they drive; imported lazily by click only when listed."""
+    from turbotrt.calibration.cli import calibrate_command
     from turbotrt.export.engine import build_command
 
     main.add_command(build_command, "build")
+    main.add_command(calibrate_command, "calibrate")
 
 
 _register_optional_commands()
