@@ -12,14 +12,8 @@ import onnx
 import torch
 from onnx import TensorProto
 
-from turbotrt.export.onnx_graph import ALIGN
+from turbotrt.export.onnx_graph import ONNX_OF, TORCH_OF, ExternalDataWriter
 
-TORCH_OF = {
-    TensorProto.FLOAT: torch.float32, TensorProto.FLOAT16: torch.float16, TensorProto.BFLOAT16: torch.bfloat16,
-    TensorProto.INT8: torch.int8, TensorProto.UINT8: torch.uint8, TensorProto.INT32: torch.int32,
-    TensorProto.INT64: torch.int64, TensorProto.BOOL: torch.bool, TensorProto.FLOAT8E4M3FN: torch.float8_e4m3fn,
-}
-ONNX_OF = {v: k for k, v in TORCH_OF.items()}
 INLINE_MAX_BYTES = 1024  # scales and zero points stay in the graph; weights go to the data file
 
 
@@ -70,38 +64,14 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, source_dir: str 
     Initializers already external (relative to `source_dir`) are copied tensor by tensor; inline
     ones above INLINE_MAX_BYTES are moved out. Offsets are page-aligned so runtimes may mmap them.
     """
-    path, source_dir = Path(path), Path(source_dir)
-    data_name = path.name + ".data"
-    tmp_graph, tmp_data = path.with_name(f".{path.name}.partial"), path.with_name(f".{data_name}.partial")
+    source_dir = Path(source_dir)
     inits = list(model.graph.initializer)
-    try:
-        with open(tmp_data, "wb") as f:
-            for t in (progress(inits, desc="writing weights") if progress else inits):
-                external = t.data_location == TensorProto.EXTERNAL
-                if not external and len(t.raw_data) <= INLINE_MAX_BYTES:
-                    continue
-                raw = raw_bytes(t, source_dir)
-                offset = f.tell()
-                f.write(raw)
-                f.write(b"\0" * (-len(raw) % ALIGN))
-                t.ClearField("raw_data")
-                del t.external_data[:]
-                t.data_location = TensorProto.EXTERNAL
-                for k, v in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
-                    e = t.external_data.add()
-                    e.key, e.value = k, v
-            f.flush()
-            os.fsync(f.fileno())
-        with open(tmp_graph, "wb") as f:
-            f.write(model.SerializeToString())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_data, path.with_name(data_name))
-        os.replace(tmp_graph, path)
-    finally:
-        for tmp in (tmp_graph, tmp_data):
-            tmp.unlink(missing_ok=True)
-    return path
+    with ExternalDataWriter(path) as out:
+        for t in (progress(inits, desc="writing weights") if progress else inits):
+            if t.data_location != TensorProto.EXTERNAL and len(t.raw_data) <= INLINE_MAX_BYTES:
+                continue
+            out.append(t, raw_bytes(t, source_dir))
+        return out.commit(model)
 
 
 def float_state_dict(path: str | os.PathLike, names: Iterable[str]) -> dict[str, torch.Tensor]:

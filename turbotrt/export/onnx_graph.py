@@ -22,12 +22,13 @@ import torch
 OPSET = 20  # TensorRT 10.x parses opsets 9..20 (REFERENCE section 6)
 ALIGN = 4096  # external-data offsets aligned to pages so runtimes may mmap them
 
-_ONNX_DTYPE = {
-    torch.float32: onnx.TensorProto.FLOAT, torch.float16: onnx.TensorProto.FLOAT16,
-    torch.bfloat16: onnx.TensorProto.BFLOAT16, torch.int8: onnx.TensorProto.INT8,
-    torch.int32: onnx.TensorProto.INT32, torch.int64: onnx.TensorProto.INT64, torch.bool: onnx.TensorProto.BOOL,
-    torch.uint8: onnx.TensorProto.UINT8,
+TORCH_OF = {
+    onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.FLOAT16: torch.float16,
+    onnx.TensorProto.BFLOAT16: torch.bfloat16, onnx.TensorProto.INT8: torch.int8, onnx.TensorProto.UINT8: torch.uint8,
+    onnx.TensorProto.INT32: torch.int32, onnx.TensorProto.INT64: torch.int64, onnx.TensorProto.BOOL: torch.bool,
+    onnx.TensorProto.FLOAT8E4M3FN: torch.float8_e4m3fn,
 }
+ONNX_OF = {t: o for o, t in TORCH_OF.items()}
 
 
 @dataclass(frozen=True)
@@ -84,11 +85,10 @@ def _quiet(*loggers: str):
 
 
 def _torch_dtype(ir_dtype) -> torch.dtype:
-    onnx_type = int(ir_dtype)
-    for t, o in _ONNX_DTYPE.items():
-        if o == onnx_type:
-            return t
-    raise ValueError(f"unsupported initializer type {ir_dtype}")
+    try:
+        return TORCH_OF[int(ir_dtype)]
+    except KeyError:
+        raise ValueError(f"unsupported initializer type {ir_dtype}") from None
 
 
 def name_nodes_by_module(model: onnx.ModelProto, strip: str = "") -> None:
@@ -112,6 +112,54 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
     return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
+class ExternalDataWriter:
+    """Write a graph and its `<name>.data`, appending tensors page-aligned, under temporary names.
+
+    `commit(model)` renames the data file, then the graph, into place: a graph file under its final
+    name always has complete data beside it. Leaving the `with` block without a commit (an error,
+    an interrupt) removes both temporary files.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.data_name = self.path.name + ".data"
+        self.tmp_graph = self.path.with_name(f".{self.path.name}.partial")
+        self.tmp_data = self.path.with_name(f".{self.data_name}.partial")
+
+    def __enter__(self) -> "ExternalDataWriter":
+        self.file = open(self.tmp_data, "wb")
+        return self
+
+    def append(self, tp: onnx.TensorProto, raw: bytes) -> None:
+        """Store `raw` as the data of `tp` (made external, pointing into the data file)."""
+        offset = self.file.tell()
+        self.file.write(raw)
+        self.file.write(b"\0" * (-len(raw) % ALIGN))
+        tp.ClearField("raw_data")
+        del tp.external_data[:]
+        tp.data_location = onnx.TensorProto.EXTERNAL
+        for k, v in (("location", self.data_name), ("offset", str(offset)), ("length", str(len(raw)))):
+            entry = tp.external_data.add()
+            entry.key, entry.value = k, v
+
+    def commit(self, model: onnx.ModelProto) -> Path:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        with open(self.tmp_graph, "wb") as f:
+            f.write(model.SerializeToString())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(self.tmp_data, self.path.with_name(self.data_name))
+        os.replace(self.tmp_graph, self.path)
+        return self.path
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
+        for tmp in (self.tmp_graph, self.tmp_data):
+            tmp.unlink(missing_ok=True)
+
+
 def write_model(
     traced: TracedGraph,
     path: str | os.PathLike,
@@ -124,44 +172,20 @@ def write_model(
     appended (page-aligned) to the data file. Both files appear under their final names only when
     both are complete.
     """
-    path = Path(path)
-    data_name = path.name + ".data"
-    tmp_graph, tmp_data = path.with_name(f".{path.name}.partial"), path.with_name(f".{data_name}.partial")
     get = weight_source.__getitem__ if isinstance(weight_source, Mapping) else weight_source
     release = getattr(weight_source, "release", None)
-    model = traced.model
-    inits = []
-    try:
-        with open(tmp_data, "wb") as f:
-            slots = traced.weights if progress is None else progress(traced.weights)
-            for slot in slots:
-                t = get(slot.name)
-                if tuple(t.shape) != slot.shape:
-                    raise ValueError(f"weight {slot.name}: shape {tuple(t.shape)}, graph expects {slot.shape}")
-                raw = _tensor_bytes(t.to(slot.dtype))
-                offset = f.tell()
-                f.write(raw)
-                f.write(b"\0" * (-len(raw) % ALIGN))
-                tp = onnx.TensorProto(name=slot.name, data_type=_ONNX_DTYPE[slot.dtype], dims=list(slot.shape))
-                tp.data_location = onnx.TensorProto.EXTERNAL
-                for k, v in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
-                    entry = tp.external_data.add()
-                    entry.key, entry.value = k, v
-                inits.append(tp)
-                del t, raw
-                if release is not None:  # e.g. drop an mmap'd checkpoint tensor's pages from RSS
-                    release(slot.name)
-            f.flush()
-            os.fsync(f.fileno())
-        model.graph.initializer.extend(inits)
-        with open(tmp_graph, "wb") as f:
-            f.write(model.SerializeToString())
-        os.replace(tmp_data, path.with_name(data_name))
-        os.replace(tmp_graph, path)
-    finally:
-        for tmp in (tmp_graph, tmp_data):
-            tmp.unlink(missing_ok=True)
-    return path
+    with ExternalDataWriter(path) as out:
+        for slot in traced.weights if progress is None else progress(traced.weights):
+            t = get(slot.name)
+            if tuple(t.shape) != slot.shape:
+                raise ValueError(f"weight {slot.name}: shape {tuple(t.shape)}, graph expects {slot.shape}")
+            tp = onnx.TensorProto(name=slot.name, data_type=ONNX_OF[slot.dtype], dims=list(slot.shape))
+            out.append(tp, _tensor_bytes(t.to(slot.dtype)))
+            traced.model.graph.initializer.append(tp)
+            del t
+            if release is not None:  # e.g. drop an mmap'd checkpoint tensor's pages from RSS
+                release(slot.name)
+        return out.commit(traced.model)
 
 
 def attach_function(model: onnx.ModelProto, function: onnx.FunctionProto, domain_version: int = 1) -> None:
