@@ -119,6 +119,13 @@ def test_engine_for_another_gpu_is_refused(t2v_bundle):
         bundle.engine("dit", "sm_90", "10.13.0")
     with pytest.raises(BundleError, match="--target sm_89"):
         bundle.engine("dit", "sm_89", "11.4.0")
+    # Engines built for portability say so in the manifest, and are then accepted.
+    bundle.manifest["engines"]["dit"][0].update(hardware_compatibility="ampere_plus", version_compatible=True)
+    assert bundle.engine("dit", "sm_90", "10.14.1").name == "dit.plan"
+    with pytest.raises(BundleError):
+        bundle.engine("dit", "sm_90", "11.0.0")  # version compatibility stays within a major version
+    with pytest.raises(BundleError):
+        bundle.engine("dit", "sm_90", "10.12.0")  # and does not run on an older TensorRT
 
 
 def test_trt_backend_without_tensorrt_is_a_clear_error(t2v_bundle):

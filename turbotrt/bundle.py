@@ -132,8 +132,27 @@ class Bundle:
         if not entries:
             raise BundleError(f"{self.root}: no TensorRT engine for {network}; {rebuild}")
         for e in entries:
-            if e["compute_capability"] == compute_capability and e["tensorrt_version"] == tensorrt_version:
+            if _gpu_fits(e, compute_capability) and _trt_fits(e, tensorrt_version):
                 return self.root / e["file"]
         built = ", ".join(f"{e['compute_capability']} / TensorRT {e['tensorrt_version']}" for e in entries)
         raise BundleError(f"{self.root}: the {network} engine was built for {built}, but this machine has "
                           f"{compute_capability} / TensorRT {tensorrt_version}; {rebuild}")
+
+
+def _sm(cc: str) -> int:
+    return int(cc.removeprefix("sm_").rstrip("a"))
+
+
+def _gpu_fits(entry: dict, cc: str) -> bool:
+    """Same compute capability, or a hardware-compatible (ampere_plus) engine on sm_80 or newer."""
+    if entry["compute_capability"] == cc:
+        return True
+    return entry.get("hardware_compatibility") == "ampere_plus" and _sm(cc) >= 80
+
+
+def _trt_fits(entry: dict, version: str) -> bool:
+    """Same TensorRT, or a version-compatible engine under a newer TensorRT of the same major version."""
+    if entry["tensorrt_version"] == version:
+        return True
+    built, now = (tuple(int(x) for x in v.split(".")[:3]) for v in (entry["tensorrt_version"], version))
+    return bool(entry.get("version_compatible")) and now[0] == built[0] and now >= built
