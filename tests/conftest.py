@@ -7,7 +7,56 @@ import torch
 torch.manual_seed(0)
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+CALIBRATION_PROMPTS = ("a cat walks slowly", "a red bird flies over the river")
+_quiet = dict(log=lambda *_: None)
 
-@pytest.fixture
-def tmp_ckpt_dir(tmp_path):
-    return tmp_path
+# Every tiny bundle the tests share, made once per session on first use: kind -> how.
+#   sagesla/sla/dense   wan-tiny, fp32, validated at export (ONNX Runtime vs PyTorch)
+#   i2v                 wan-tiny-i2v (two experts, VAE encode graphs), fp32, sla
+#   int8/fp8            the sla bundle calibrated (observer max)
+_KINDS = {
+    "sagesla": lambda out, get: _export("wan-tiny", out, attention="sagesla"),
+    "sla": lambda out, get: _export("wan-tiny", out, attention="sla"),
+    "dense": lambda out, get: _export("wan-tiny", out, attention="dense"),
+    "i2v": lambda out, get: _export("wan-tiny-i2v", out, attention="sla", validate=False),
+    "int8": lambda out, get: _calibrate(get("sla"), out, mode="int8", steps=4),
+    "fp8": lambda out, get: _calibrate(get("sla"), out, mode="fp8", steps=2),
+}
+
+
+def _export(source, out, attention, validate=True):
+    from turbotrt.export.api import export
+
+    return export(source, out, precision="fp32", attention=attention, validate=validate, **_quiet)
+
+
+def _calibrate(src, out, mode, steps):
+    from turbotrt.calibration.api import calibrate
+
+    return calibrate(src, out, mode=mode, observer="max", prompts=CALIBRATION_PROMPTS, steps=steps, seeds=(0,),
+                     **_quiet)
+
+
+class TinyBundles:
+    """`tiny_bundle(kind)` -> the bundle's folder, made on first use; `.result(kind)` what made it
+    (an ExportResult, or a QuantReport for int8/fp8). Treat the folders as read-only: copy one
+    (`shutil.copytree`) before editing it."""
+
+    def __init__(self, root):
+        self.root, self.results = root, {}
+
+    def __call__(self, kind: str):
+        if kind not in self.results:
+            self.results[kind] = _KINDS[kind](self.root / kind, self)
+        return self.root / kind
+
+    def result(self, kind: str):
+        self(kind)
+        return self.results[kind]
+
+    report = result
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory):
+    return TinyBundles(tmp_path_factory.mktemp("tiny-bundles"))

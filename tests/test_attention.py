@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from turbotrt.core.configs import ATTENTION_MODES, AttentionConfig
+from turbotrt.core.sagesla import kept_blocks as topk_count
 from turbotrt.models.attention import (
-    ATTENTION_MODES,
-    AttentionConfig,
     AttentionOp,
     SparseLinearAttention,
     block_map,
@@ -26,7 +26,6 @@ from turbotrt.models.attention import (
     sagesla_sparse_attention,
     sla_attention,
     sparse_attention,
-    topk_count,
 )
 
 GEOMETRIES = [(128, 64), (64, 128)]  # (block_q, block_k): sla / sagesla off sm90, sagesla on sm90

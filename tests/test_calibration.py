@@ -10,22 +10,22 @@ from click.testing import CliRunner
 from onnx import TensorProto
 
 from turbotrt.calibration import observers as obs
-from turbotrt.calibration.api import calibrate, open_bundle, reference_model
+from turbotrt.calibration.api import calibrate
 from turbotrt.calibration.cache import CacheError, CalibrationCache, StaleCacheError, load_cache
-from turbotrt.calibration.cli import calibrate_command
 from turbotrt.calibration.config import QuantConfig, QuantConfigError
 from turbotrt.calibration.dataset import build_calibration_set, load_embeddings
-from turbotrt.calibration.graph_io import float_state_dict
-from turbotrt.calibration.quantize import fake_quant_activation, fake_quant_model, quantize_weight, tiles_to_per_channel
+from turbotrt.calibration.quantize import conversion_error, fake_quant_activation, fake_quant_model, quantize_weight
 from turbotrt.calibration.report import OrtDit, cosine, rel_error
 from turbotrt.calibration.smoothquant import apply_smoothing, smooth_sites, smoothing_factors
-from turbotrt.export.api import export
+from turbotrt.cli import main
+from turbotrt.core.bundle import Bundle
+from turbotrt.core.configs import AttentionConfig, get_config
+from turbotrt.core.rcm import rcm_times, sde_step
+from turbotrt.export import dit
 from turbotrt.export.lint import lint_model
-from turbotrt.models.attention import AttentionConfig
-from turbotrt.models.configs import get_config
-from turbotrt.models.int8 import quantize_tiles
+from turbotrt.export.onnx_io import GraphWeights, float_state_dict
+from turbotrt.models.int8 import dequantize_tiles, quantize_tiles
 from turbotrt.models.wan import WanModel, init_random_
-from turbotrt.runtime.rcm import rcm_times, sde_step
 
 CFG = get_config("wan-tiny")
 PROMPTS = ("a cat walks slowly", "a red bird flies over the river")
@@ -42,24 +42,18 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    root = tmp_path_factory.mktemp("calib")
-    export("wan-tiny", root / "float", precision="fp32", attention="sla", validate=False, **quiet)
-    return root / "float"
+def bundle(tiny_bundle):
+    return tiny_bundle("sla")
 
 
 @pytest.fixture(scope="module")
-def int8(bundle):
-    out = bundle.parent / "int8"
-    report = calibrate(bundle, out, mode="int8", observer="max", prompts=PROMPTS, steps=4, seeds=(0,), **quiet)
-    return out, report
+def int8(tiny_bundle):
+    return tiny_bundle("int8"), tiny_bundle.report("int8")
 
 
 @pytest.fixture(scope="module")
-def fp8(bundle):
-    out = bundle.parent / "fp8"
-    report = calibrate(bundle, out, mode="fp8", observer="max", prompts=PROMPTS, steps=2, seeds=(0,), **quiet)
-    return out, report
+def fp8(tiny_bundle):
+    return tiny_bundle("fp8"), tiny_bundle.report("fp8")
 
 
 # --- config ----------------------------------------------------------------------------------------
@@ -279,12 +273,12 @@ def test_qdq_placement_follows_tensorrt_rules(which, int8, fp8):
 
 
 def _fake_quant_from_cache(bundle_dir, out, mode):
-    b = open_bundle(bundle_dir)
+    b = Bundle.load(bundle_dir)
     names = obs.quantized_linears(CFG.num_layers)
     with torch.device("meta"):
         keys = list(WanModel(CFG).state_dict())
-    sd = float_state_dict(b.graph, keys)
-    model = reference_model(b, sd)
+    sd = float_state_dict(GraphWeights(b.graph("dit"), b.data("dit").name), keys)
+    model = dit.reference_model(CFG, b.attention, sd)
     cache = load_cache(out / "calibration_cache.json")
     weights = {n: quantize_weight(sd[f"{n}.weight"], mode) for n in names}
     return model, fake_quant_model(model, weights, cache.amax, mode)
@@ -381,11 +375,9 @@ def test_report_lists_quantized_and_skipped_layers(int8):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["quantization"]["mode"] == "int8" and manifest["quantization"]["config_hash"] == report.config_hash
     # A complete bundle: the other graphs and the tokenizer came along, every file hash matches.
-    from turbotrt.bundle import Bundle
-
     loaded = Bundle.load(out, verify=True)
     assert set(manifest["graphs"]) <= {p.split(".")[0] for p in manifest["files"]}
-    assert "calibration_cache.json" in manifest["files"] and loaded.manifest["lint"]["dit"] == []
+    assert "calibration_cache.json" in manifest["files"] and loaded.manifest.lint["dit"] == []
 
 
 def test_smoothquant_calibration_folds_into_the_graph(bundle):
@@ -458,7 +450,8 @@ def test_tile_to_per_channel_conversion_error_bound():
     w = torch.randn(300, 520, generator=g) / 20  # partial edge tiles on both axes
     w[:128, :128] *= 8  # one coarse tile: its rows' per-channel grid is 8x coarser for their other tiles
     codes, tile_scale = quantize_tiles(w)
-    qw, err = tiles_to_per_channel(codes, tile_scale)
+    qw = quantize_weight(dequantize_tiles(codes, tile_scale), "int8")  # what calibration does with -quant tiles
+    err = conversion_error(dequantize_tiles(codes, tile_scale), qw)
     w_tile = codes.float() * tile_scale.repeat_interleave(128, 0)[:300].repeat_interleave(128, 1)[:, :520]
     per_row = (qw.dequantize() - w_tile).abs().amax(dim=1)
     step = w_tile.abs().amax(dim=1) / 127  # per-channel scale
@@ -511,18 +504,17 @@ def test_cli_calibrates_from_an_embeddings_file(bundle, tmp_path):
     emb = tmp_path / "emb.npy"
     np.save(emb, np.random.default_rng(0).standard_normal((2, 512, 64)).astype(np.float32))
     assert len(load_embeddings(emb, CFG)) == 2
-    res = CliRunner().invoke(calibrate_command, [str(bundle), "-o", str(tmp_path / "q"), "--mode", "int8",
-                                                 "--observer", "percentile", "--embeddings", str(emb), "--steps", "1",
-                                                 "--no-progress", "--json"])
+    res = CliRunner().invoke(main, ["calibrate", str(bundle), "-o", str(tmp_path / "q"), "--mode", "int8",
+                                    "--observer", "percentile", "--embeddings", str(emb), "--steps", "1", "--json"])
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)
     assert report["observer"] == "percentile" and report["per_step"]
     cfg = load_cache(tmp_path / "q" / "calibration_cache.json").config
     assert cfg.prompts == () and len(cfg.embeddings_digest) == 64
-    bad = CliRunner().invoke(calibrate_command, [str(bundle), "-o", str(tmp_path / "q2"), "--mode", "fp8",
-                                                 "--observer", "entropy"])
+    bad = CliRunner().invoke(main, ["calibrate", str(bundle), "-o", str(tmp_path / "q2"), "--mode", "fp8",
+                                    "--observer", "entropy"])
     assert bad.exit_code != 0 and "for fp8 use max, percentile or mse" in bad.output
     np.save(tmp_path / "wrong.npy", np.zeros((1, 16, 64), np.float32))
-    bad = CliRunner().invoke(calibrate_command, [str(bundle), "-o", str(tmp_path / "q3"), "--embeddings",
-                                                 str(tmp_path / "wrong.npy")])
+    bad = CliRunner().invoke(main, ["calibrate", str(bundle), "-o", str(tmp_path / "q3"), "--embeddings",
+                                    str(tmp_path / "wrong.npy")])
     assert bad.exit_code != 0 and "takes [N, 512, 64]" in bad.output

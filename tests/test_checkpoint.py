@@ -11,7 +11,7 @@ from turbotrt.models.checkpoint import (
     read_state_dict,
     save_state_dict,
 )
-from turbotrt.models.configs import get_config
+from turbotrt.core.configs import get_config
 from turbotrt.models.wan import random_wan_state_dict
 
 

@@ -15,7 +15,7 @@ def test_help_lists_commands():
 
 
 def test_presets_json_is_generated_from_configs():
-    from turbotrt.models.configs import PRESETS
+    from turbotrt.core.configs import PRESETS
 
     r = CliRunner().invoke(main, ["presets", "--json"])
     assert r.exit_code == 0
@@ -41,7 +41,7 @@ def test_inspect_bad_file_is_a_clear_error(tmp_path):
 
 def test_unknown_preset_is_a_usage_error(tmp_path):
     r = CliRunner().invoke(main, ["random-checkpoint", str(tmp_path / "x.pth"), "--preset", "nope"])
-    assert r.exit_code == 2 and "available" in r.output
+    assert r.exit_code == 2 and "is not one of" in r.output and "wan-tiny" in r.output
 
 
 def test_console_script_help_runs():
@@ -50,7 +50,7 @@ def test_console_script_help_runs():
 
 
 def test_generate_tiny_video(tmp_path):
-    from turbotrt.runtime.video import read_mp4
+    from turbotrt.core.video import read_mp4
 
     out = tmp_path / "v.mp4"
     r = CliRunner().invoke(main, ["generate", "--out", str(out), "--steps", "1", "--frames", "5"])

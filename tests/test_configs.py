@@ -1,6 +1,6 @@
 import pytest
 
-from turbotrt.models.configs import PRESETS, default_profile, get_config, list_configs, shape_profile, validate_frames
+from turbotrt.core.configs import PRESETS, default_profile, get_config, list_configs, shape_profile, validate_frames
 
 
 def test_presets_listed_and_named():

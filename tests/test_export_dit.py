@@ -8,24 +8,22 @@ import onnx
 import pytest
 import torch
 
+from turbotrt.core import sagesla as contract
+from turbotrt.core.configs import AttentionConfig, default_profile, get_config
+from turbotrt.export import dit
 from turbotrt.export.api import ExportError, export
-from turbotrt.export.configs import dit_spec
-from turbotrt.export.dit import export_dit, random_weights
 from turbotrt.export.lint import lint_model
+from turbotrt.export.networks import export_graph
 from turbotrt.export.sagesla_onnx import block_map_export
-from turbotrt.models.attention import AttentionConfig, block_map
-from turbotrt.models.configs import default_profile, get_config
-from turbotrt.plugins.sagesla import contract
+from turbotrt.models.attention import block_map
 
 quiet = dict(log=lambda *_: None)
 
 
 @pytest.fixture(scope="module")
-def bundles(tmp_path_factory):
+def bundles(tiny_bundle):
     """One export per attention mode of the tiny model (fp32), validated in ONNX Runtime."""
-    root = tmp_path_factory.mktemp("exports")
-    return {mode: export("wan-tiny", root / mode, precision="fp32", attention=mode, **quiet)
-            for mode in ("dense", "sla", "sagesla")}
+    return {mode: tiny_bundle.result(mode) for mode in ("dense", "sla", "sagesla")}
 
 
 @pytest.mark.parametrize("mode", ["dense", "sla", "sagesla"])
@@ -45,7 +43,7 @@ def test_custom_node_attributes_and_function_body(bundles):
     assert len(nodes) == cfg.num_layers
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nodes[0].attribute}
     assert attrs["plugin_namespace"] == b"turbodiffusion" and attrs["plugin_version"] == b"1"
-    assert attrs["block_q"] == 128 and attrs["block_k"] == 64 and attrs["topk"] == 1
+    assert attrs["block_q"] == 128 and attrs["block_k"] == 64 and attrs["kept_blocks"] == 1
     assert attrs["quant"] == b"int8_fp8" and abs(attrs["sm_scale"] - 128**-0.5) < 1e-7
     assert list(nodes[0].input)[:3] and len(nodes[0].input) == len(contract.INPUT_NAMES)
     assert nodes[0].name.startswith("blocks.0.self_attn.attn_op.local_attn/")
@@ -59,7 +57,7 @@ def test_weights_are_external_and_named_like_the_checkpoint(bundles):
     path = bundles["sla"].out / "dit.onnx"
     model = onnx.load(str(path), load_external_data=False)
     external = {t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
-    assert external == set(random_weights(get_config("wan-tiny")))
+    assert external == set(dit.random_weights(get_config("wan-tiny")))
     names = [n.name for n in model.graph.node]
     assert any(n.startswith("blocks.1.self_attn.q/") for n in names)
     assert any(n.startswith("blocks.0.ffn.0/") for n in names)
@@ -100,11 +98,16 @@ def test_export_from_checkpoints_float_and_quant(tmp_path):
     from turbotrt.models.wan import random_wan_state_dict
 
     cfg = get_config("wan-tiny")
-    for quant in (False, True):
-        ckpt = save_state_dict(random_wan_state_dict(cfg, seed=5, dtype="bf16", quantized=quant),
-                               tmp_path / f"ckpt{int(quant)}.safetensors")
-        result = export(str(ckpt), tmp_path / f"out{int(quant)}", precision="fp32", attention="sla", **quiet)
-        assert all(r.passed for r in result.reports), [r.format() for r in result.reports]
+    ckpt = save_state_dict(random_wan_state_dict(cfg, seed=5, dtype="bf16"), tmp_path / "ckpt.safetensors")
+    result = export(str(ckpt), tmp_path / "out", precision="fp32", attention="sla", **quiet)
+    assert all(r.passed for r in result.reports), [r.format() for r in result.reports]
+    assert set(result.graphs) == {"dit"}  # no --text-encoder/--vae/--tokenizer: only the DiT
+    # A -quant checkpoint as a float bundle would silently dequantize its int8 weights: refused.
+    quant = save_state_dict(random_wan_state_dict(cfg, seed=5, dtype="bf16", quantized=True),
+                            tmp_path / "quant.safetensors")
+    with pytest.raises(ExportError, match="W8A8 -quant checkpoint.*--precision int8"):
+        export(str(quant), tmp_path / "outq", precision="fp32", attention="sla", **quiet)
+    assert not (tmp_path / "outq").exists()
 
 
 def test_polygraphy_inspects_and_runs_the_graph(bundles, tmp_path):
@@ -121,7 +124,7 @@ def test_polygraphy_inspects_and_runs_the_graph(bundles, tmp_path):
 
 def test_interrupted_export_leaves_nothing_that_looks_complete(tmp_path):
     cfg = get_config("wan-tiny")
-    weights = random_weights(cfg)
+    weights = dit.random_weights(cfg)
     calls = []
 
     def flaky(name):
@@ -130,9 +133,9 @@ def test_interrupted_export_leaves_nothing_that_looks_complete(tmp_path):
             raise KeyboardInterrupt
         return weights[name]
 
-    spec = dit_spec(cfg, default_profile(cfg), "fp32")
+    (net,) = dit.definitions(cfg, default_profile(cfg), AttentionConfig.for_model(cfg), "fp32", {"dit": flaky})
     with pytest.raises(KeyboardInterrupt):
-        export_dit(cfg, spec, AttentionConfig.for_model(cfg), tmp_path / "dit.onnx", flaky)
+        export_graph(net, tmp_path / "dit.onnx")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -163,7 +166,9 @@ def test_bad_requests_are_clear_errors(tmp_path, kwargs, match):
 
 
 def test_existing_output_needs_force(bundles):
-    with pytest.raises(ExportError, match="--force"):
+    from turbotrt.core.errors import TurbotrtError
+
+    with pytest.raises(TurbotrtError, match="--force"):
         export("wan-tiny", bundles["dense"].out, **quiet)
 
 

@@ -1,10 +1,11 @@
 """umT5 and VAE export: tiny presets traced on `meta`, weights streamed, checked in ONNX Runtime (CPU).
 
-Tolerances: fp32 graphs against PyTorch use T5_TOLERANCE / VAE_TOLERANCE["fp32"] (atol 1e-4 + rtol 1e-4
+Tolerances: fp32 graphs against PyTorch use text_encoder.TOLERANCE / vae.TOLERANCE["fp32"] (atol 1e-4 + rtol 1e-4
 * max|ref|, cosine >= 0.99999; measured ~1e-6 to 1e-5); the fp16 VAE step uses VAE_TOLERANCE["fp16"]
 (atol 2e-2 + rtol 1e-2 * max|ref|, cosine >= 0.9999; measured ~8e-3 worst). Streamed ORT loops match
 the PyTorch streamed decode/encode to atol 1e-4. Padding rows are compared with == 0, and a graph
 exported from a checkpoint file with the same graph exported from the same weights in memory, exactly.
+Every graph goes through the same `export_graph` as a bundle export, from the networks' definitions.
 """
 
 from __future__ import annotations
@@ -16,28 +17,12 @@ import onnx
 import pytest
 import torch
 
+from turbotrt.core.configs import ShapeProfile
+from turbotrt.export import text_encoder, vae
 from turbotrt.export.lint import lint_model
-from turbotrt.export.text_encoder import (
-    T5_TOLERANCE,
-    export_text_encoder,
-    t5_checkpoint_weights,
-    t5_feeds,
-    t5_reference,
-    t5_spec,
-)
-from turbotrt.export.validate import random_feeds, run_onnxruntime, validate_onnx
-from turbotrt.export.vae import (
-    VAE_NETWORKS,
-    VAE_TOLERANCE,
-    export_vae,
-    export_vae_graph,
-    vae_checkpoint_weights,
-    vae_reference,
-    vae_spec,
-    vae_specs,
-)
+from turbotrt.export.networks import export_graph, random_feeds
+from turbotrt.export.validate import run_onnxruntime, validate_onnx
 from turbotrt.models.checkpoint import CheckpointError, save_state_dict
-from turbotrt.models.configs import ShapeProfile
 from turbotrt.models.t5 import random_t5_state_dict
 from turbotrt.models.vae import build_vae, decode_cache_spec, encode_cache_spec, random_vae_state_dict
 
@@ -47,6 +32,26 @@ HEIGHT, WIDTH = 16, 32  # latent 2 x 4
 PROFILE = ShapeProfile("test", "2:1", width=WIDTH, height=HEIGHT, frames=9)
 PROMPT_LENS = (5, 300)
 T5_INLINE = 8 * 512**2 + 64 * 1024  # the folded int64 [text_len, text_len] relative-position bucket table
+VAE_NETWORKS = vae.VAE_NETWORKS
+t5_spec, t5_feeds, t5_reference = text_encoder.spec, text_encoder.feeds, text_encoder.reference
+t5_checkpoint_weights, T5_TOLERANCE = text_encoder.checkpoint_weights, text_encoder.TOLERANCE
+vae_spec, vae_specs, vae_reference = vae.spec, vae.specs, vae.reference
+vae_checkpoint_weights, VAE_TOLERANCE = vae.checkpoint_weights, vae.TOLERANCE
+
+
+def export_text_encoder(config, spec, path, weights):
+    net = text_encoder.definition(config, spec.precision, weights, batch=spec.inputs[0].shape[0])
+    return export_graph(net, path)
+
+
+def export_vae_graph(config, spec, path, weights):
+    (net,) = vae.definitions(config, PROFILE, spec.precision, weights, [spec.network])
+    return export_graph(net, path)
+
+
+def export_vae(config, profile, precision, out_dir, weights, networks=VAE_NETWORKS):
+    return {net.network: export_graph(net, out_dir / f"{net.network}.onnx")
+            for net in vae.definitions(config, profile, precision, weights, networks)}
 
 
 def load(path, data=False) -> onnx.ModelProto:
@@ -136,7 +141,7 @@ def test_t5_refuses_fp16_with_the_reason():
     fp16 = dataclasses.replace(t5_spec(T5, "fp32"), precision="fp16")
     with pytest.raises(ValueError, match="overflow fp16"):
         export_text_encoder(T5, fp16, "unused.onnx", {})
-    with pytest.raises(ValueError, match="unknown precision"):
+    with pytest.raises(ValueError, match="exports in fp32 or bf16, not 'int4'"):
         t5_spec(T5, "int4")
 
 
@@ -275,17 +280,6 @@ def test_vae_fp16_step_keeps_the_cache_in_fp16(tmp_path, vae_weights):
     assert report.passed, report.format()
 
 
-def test_export_vae_writes_all_graphs_or_none(tmp_path, vae_weights):
-    def no_encoder(name):
-        if name.startswith("encoder."):
-            raise RuntimeError("encoder weights unreadable")
-        return vae_weights[name]
-
-    with pytest.raises(RuntimeError, match="encoder weights unreadable"):
-        export_vae(VAE, PROFILE, "fp32", tmp_path, no_encoder, networks=("vae_decode_first", "vae_encode_first"))
-    assert list(tmp_path.iterdir()) == []  # the decode graph written first is gone too
-
-
 def test_vae_checkpoint_getter_checks_every_key(tmp_path, vae_weights):
     ckpt = save_state_dict(vae_weights, tmp_path / "vae.pth")
     get = vae_checkpoint_weights(ckpt, VAE)
@@ -300,7 +294,7 @@ def test_vae_checkpoint_getter_checks_every_key(tmp_path, vae_weights):
 @pytest.mark.parametrize("args,match", [
     (("vae_decode_middle", 16, 32, "fp32"), "unknown VAE network"),
     (("vae_decode_step", 20, 32, "fp32"), "multiples of 8"),
-    (("vae_encode_step", 16, 32, "int8"), "unknown precision"),
+    (("vae_encode_step", 16, 32, "int8"), "exports in fp32, fp16, bf16, not 'int8'"),
 ])
 def test_bad_vae_requests_are_clear_errors(args, match):
     with pytest.raises(ValueError, match=match):

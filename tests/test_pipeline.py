@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from turbotrt.models.configs import get_config, shape_profile
+from turbotrt.core.configs import get_config, shape_profile
 from turbotrt.models.pipeline import ReferencePipeline, i2v_condition
-from turbotrt.runtime.video import latents_video_to_uint8, read_mp4, write_mp4
+from turbotrt.core.video import latents_video_to_uint8, read_mp4, write_mp4
 
 
 @pytest.fixture(scope="module")

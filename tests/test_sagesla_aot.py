@@ -13,7 +13,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
                 allow_module_level=True)
 
 from turbotrt.plugins.sagesla import aot  # noqa: E402
-from turbotrt.plugins.sagesla import contract as C  # noqa: E402
+from turbotrt.core import sagesla as C  # noqa: E402
 
 # What TurboDiffusion would run on each target: FP8 V where the hardware has FP8 (fp16 V on
 # sm80/86), 64/128 blocks on sm90 and 128/64 elsewhere.

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from turbotrt.models.sampler import generate_latents, noise_like_reference, rcm_timesteps
-from turbotrt.runtime.rcm import expert_for_step, net_timesteps, rcm_times, round_bf16
+from turbotrt.core.rcm import expert_for_step, net_timesteps, rcm_times, round_bf16
 
 
 def test_rcm_times_sigma80_four_steps():
@@ -64,7 +64,7 @@ def _manual_loop(shape, seed, steps, a_of_step, ode=False):
 
 @pytest.mark.parametrize("ode", [False, True])
 def test_generate_latents_matches_hand_loop(ode):
-    from turbotrt.models.configs import get_config
+    from turbotrt.core.configs import get_config
 
     cfg = get_config("wan-tiny")
     net = _Velocity(0.5, cfg)
@@ -77,7 +77,7 @@ def test_generate_latents_matches_hand_loop(ode):
 
 
 def test_i2v_uses_both_experts():
-    from turbotrt.models.configs import get_config
+    from turbotrt.core.configs import get_config
 
     cfg = get_config("wan-tiny-i2v")
     high, low = _Velocity(0.1, cfg), _Velocity(0.9, cfg)
@@ -96,20 +96,20 @@ def test_seed_changes_noise():
 
 def test_timestep_sinusoid_matches_the_model():
     from turbotrt.models.wan import sinusoidal_embedding
-    from turbotrt.runtime.rcm import timestep_sinusoid
+    from turbotrt.core.rcm import timestep_sinusoid
 
     t = torch.tensor([988.0, 0.0, 608.0])
     # Both float64 then rounded once to fp32: equal bit for bit.
     np.testing.assert_array_equal(timestep_sinusoid(t.numpy()), sinusoidal_embedding(256, t).numpy())
 
 
-def test_numpy_noise_stream_is_what_the_reference_draws():
-    from turbotrt.models.configs import get_config
-    from turbotrt.runtime.rcm import NoiseStream
+def test_philox_noise_stream_is_what_the_reference_draws():
+    from turbotrt.core.configs import get_config
+    from turbotrt.core.noise import NoiseStream
 
     cfg = get_config("wan-tiny")
     shape = (1, 16, 1, 2, 2)
-    x = generate_latents(_Velocity(0.0, cfg), torch.zeros(1, 8, 4), shape, steps=1, seed=5, noise="numpy")
+    x = generate_latents(_Velocity(0.0, cfg), torch.zeros(1, 8, 4), shape, steps=1, seed=5, noise="philox")
     s = NoiseStream(5)
     n0, n1 = s(shape), s(shape)
     t = rcm_times(1, 80.0)

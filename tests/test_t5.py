@@ -29,7 +29,7 @@ from turbotrt.models.t5 import (
     relative_position_bucket,
     relative_positions,
 )
-from turbotrt.models.tokenizer import Tokenizer, clean_text
+from turbotrt.core.tokenizer import Tokenizer, clean_text
 
 TINY = get_t5_config("umt5-tiny")
 
@@ -305,8 +305,8 @@ def test_tokenizer_output_feeds_encoder(tok):
 
 
 def test_tokenizer_module_does_not_import_torch():
-    code = "import sys, turbotrt.models.tokenizer; sys.exit(int('torch' in sys.modules))"
+    code = "import sys, turbotrt.core.tokenizer; sys.exit(int('torch' in sys.modules))"
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=root, env=env)
-    assert r.returncode == 0, f"importing turbotrt.models.tokenizer pulled in torch\n{r.stderr}"
+    assert r.returncode == 0, f"importing turbotrt.core.tokenizer pulled in torch\n{r.stderr}"

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from turbotrt.plugins import trt as plugins
-from turbotrt.plugins.sagesla import contract as C
+from turbotrt.core import sagesla as C
 
-ATTRS = {"block_q": int, "block_k": int, "topk": int, "sm_scale": float, "quant": str}
+ATTRS = {"block_q": int, "block_k": int, "kept_blocks": int, "sm_scale": float, "quant": str}
 INPUTS = list(C.INPUT_NAMES)
 
 
@@ -179,10 +179,10 @@ def test_registration_follows_the_contract(fake_trt):
     assert d["id"] == C.PLUGIN_NAME == "turbodiffusion::SageSLA"
     assert d["inputs"] == INPUTS and d["attrs"] == ATTRS
     assert all(k in d for k in ("register", "autotune", "aot_impl", "impl"))
-    out = d["register"](*_descs(trt), block_q=128, block_k=64, topk=2, sm_scale=128**-0.5, quant="int8_fp8")
+    out = d["register"](*_descs(trt), block_q=128, block_k=64, kept_blocks=2, sm_scale=128**-0.5, quant="int8_fp8")
     assert out.shape_expr == (1, 12, 333, 128) and out.dtype == trt.bfloat16
     with pytest.raises(ValueError, match="quant mode"):
-        d["register"](*_descs(trt), block_q=128, block_k=64, topk=2, sm_scale=0.1, quant="int4")
+        d["register"](*_descs(trt), block_q=128, block_k=64, kept_blocks=2, sm_scale=0.1, quant="int4")
 
 
 def test_register_plugins_is_idempotent(fake_trt):
@@ -292,7 +292,7 @@ def test_real_tensorrt_aot_engine_matches_the_kernel():
     network = builder.create_network(flags)
     dtypes = {torch.float16: trt.float16, torch.int32: trt.int32, torch.float32: trt.float32}
     inputs = [network.add_input(name, dtypes[t.dtype], tuple(t.shape)) for name, t in feeds.items()]
-    layer = network.add_plugin(trtp.op.turbodiffusion.SageSLA(*inputs, block_q=bq, block_k=bk, topk=n,
+    layer = network.add_plugin(trtp.op.turbodiffusion.SageSLA(*inputs, block_q=bq, block_k=bk, kept_blocks=n,
                                                               sm_scale=D**-0.5, quant="int8_fp16"), aot=True)
     layer.get_output(0).name = "o_s"
     network.mark_output(layer.get_output(0))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from turbotrt.models.checkpoint import CheckpointError, save_state_dict
-from turbotrt.models.configs import PRESETS, VAE_STRIDE
+from turbotrt.core.configs import PRESETS, VAE_STRIDE
 from turbotrt.models.vae import (
     LATENT_MEAN,
     LATENT_STD,

@@ -4,12 +4,12 @@ import torch.nn.functional as F
 
 from turbotrt.models.attention import AttentionConfig
 from turbotrt.models.checkpoint import build_wan
-from turbotrt.models.configs import PRESETS, get_config
+from turbotrt.core.configs import PRESETS, get_config
 from turbotrt.models.wan import WanModel, apply_rope, count_parameters, init_random_, rope_split, rope_tables
 
 
 def reference_keys(num_layers: int) -> set[str]:
-    """TurboDiffusion's key names, written out from REFERENCE.md section 1 (not from our model)."""
+    """TurboDiffusion's key names, written out from TurboDiffusion's released checkpoints (not from our model)."""
     keys = {
         "patch_embedding.weight", "patch_embedding.bias",
         "text_embedding.0.weight", "text_embedding.0.bias", "text_embedding.2.weight", "text_embedding.2.bias",
@@ -29,7 +29,7 @@ def reference_keys(num_layers: int) -> set[str]:
 
 
 def expected_param_count(c) -> int:
-    """Parameter count from the layer shapes of REFERENCE.md, independent of the module code."""
+    """Parameter count from the layer shapes of Wan2.1's model.py, independent of the module code."""
     d, f, hd = c.dim, c.ffn_dim, c.head_dim
     attn = 4 * (d * d + d) + 2 * d
     block = 2 * attn + (hd * hd + hd) + 2 * d + (d * f + f + f * d + d) + 6 * d

@@ -1,27 +1,26 @@
-"""`calibrate()`: an exported float DiT bundle (or a preset / checkpoint, exported first) -> a bundle
-whose DiT graph carries explicit INT8 or FP8 Q/DQ, with its calibration cache and quality report.
+"""`calibrate()`: a float DiT (an exported bundle, or a preset / checkpoint exported on the way) ->
+a bundle whose DiT graph carries explicit INT8 or FP8 Q/DQ, with its calibration cache and report.
 
 Steps: the float reference samples real rCM trajectories (the calibration set); SmoothQuant, when
 asked, measures per-channel maxima and folds its factors where that is exact; observers measure
 every block Linear's input; weights are quantized per output channel (INT8) or per tensor (FP8),
-from a `-quant` checkpoint's int8 tiles when given; Q/DQ goes into the graph; ONNX Runtime and the
-fake-quant PyTorch model are compared with the float model per step and over the whole loop.
-The output folder is written as `<out>.partial` and renamed only when complete.
+from a `-quant` checkpoint's int8 tiles when there is one; Q/DQ goes into the graph; ONNX Runtime
+and the fake-quant PyTorch model are compared with the float model per step and over the whole loop.
+
+The output is written through `BundleWriter` (a partial folder committed whole, cleaned on every
+exit path): nothing goes to a temporary folder elsewhere, and the source bundle's files are copied,
+never linked, so the source stays exactly as it was.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import torch
 
-from turbotrt.bundle import MANIFEST
 from turbotrt.calibration import observers as obs
 from turbotrt.calibration.cache import CalibrationCache, load_cache
 from turbotrt.calibration.config import QuantConfig, file_digest
@@ -30,100 +29,59 @@ from turbotrt.calibration.dataset import (
     build_calibration_set,
     encode_prompts,
     load_embeddings,
-    load_text_encoder,
     model_device,
-    tiny_text_encoder,
 )
-from turbotrt.calibration.graph_io import float_state_dict
 from turbotrt.calibration.qdq import insert_qdq
 from turbotrt.calibration.quantize import conversion_error, fake_quant_model, quantize_weight
 from turbotrt.calibration.report import OrtDit, QuantReport, final_quality, step_quality
 from turbotrt.calibration.smoothquant import apply_smoothing, skipped_sites, smooth_sites, smoothing_factors
-from turbotrt.models.attention import AttentionConfig
-from turbotrt.models.configs import WanConfig, get_config, list_configs
+from turbotrt.core.bundle import Bundle, BundleWriter
+from turbotrt.core.configs import AttentionConfig, ShapeProfile, WanConfig, list_configs
+from turbotrt.core.errors import TurbotrtError
+from turbotrt.core.manifest import Quantization
+from turbotrt.export import dit
+from turbotrt.export.api import ExportResult, plan_export, small, write_graphs
+from turbotrt.export.lint import lint
+from turbotrt.export.networks import getter
+from turbotrt.export.onnx_io import GraphWeights
 from turbotrt.models.wan import WanModel
 
 CACHE_FILE = "calibration_cache.json"
 REPORT_FILE = "quant_report.json"
+NETWORK = "dit"
 
 
-class CalibrationError(RuntimeError):
+class CalibrationError(TurbotrtError):
     pass
 
 
 @dataclass
-class SourceBundle:
-    """An exported float DiT: its folder, manifest and what the manifest says about the model."""
+class DitSource:
+    """The float DiT being calibrated: where its graph is, what it is, and its weights."""
 
-    path: Path
-    manifest: dict
     config: WanConfig
+    profile: ShapeProfile
     attention: AttentionConfig
-    network: str
-
-    @property
-    def graph(self) -> Path:
-        return self.path / self.manifest["graphs"][self.network]["file"]
+    precision: str  # the float graph's type
+    graph: Path
+    data: str | None  # its external-data file name
+    weights: Callable[[str], torch.Tensor]  # checkpoint key -> float tensor
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(self.manifest["graphs"][self.network]["spec"]["inputs"][0]["shape"])
-
-    @property
-    def precision(self) -> str:
-        return self.manifest["precision"]
-
-    @property
-    def profile(self) -> str:
-        return self.manifest["profile"]["name"]
-
-
-def open_bundle(path: str | os.PathLike) -> SourceBundle:
-    path = Path(path)
-    mf = path / MANIFEST
-    if not mf.is_file():
-        raise CalibrationError(f"{path} is not an exported bundle (no {MANIFEST}); export it first")
-    manifest = json.loads(mf.read_text())
-    if manifest.get("quantization"):
-        raise CalibrationError(f"{path} is already quantized ({manifest['quantization'].get('mode')}); "
-                               "calibrate the float export instead")
-    config = get_config(manifest["model"]["name"])
-    if config.is_i2v:
-        raise CalibrationError(f"{config.name} is image-to-video: its calibration needs image conditioning, "
-                               "which is not supported yet")
-    graphs = manifest.get("graphs", {})
-    if "dit" not in graphs:
-        raise CalibrationError(f"{path}: the manifest lists no 'dit' graph (graphs: {sorted(graphs)})")
-    return SourceBundle(path, manifest, config, AttentionConfig(**manifest["attention"]), "dit")
+        return (self.profile.batch, *self.profile.latent_shape(self.config.out_dim))
 
 
 def _iterate(progress, items, desc: str):
     return progress(items, desc=desc) if progress else items
 
 
-# --- inputs ------------------------------------------------------------------------------------------
-
-def resolve_source(source: str, workdir: Path, attention: str, precision: str, seed: int, log) -> tuple[SourceBundle, str | None]:
-    """(float bundle, -quant checkpoint or None) from a bundle folder, a tiny preset or a checkpoint."""
-    path = Path(source)
-    if path.is_dir():
-        return open_bundle(path), None
-    if source not in list_configs() and not path.is_file():
-        raise CalibrationError(f"{source!r} is neither an exported bundle folder, a preset "
-                               f"({', '.join(list_configs())}) nor a checkpoint file")
-    from turbotrt.export.api import export
-
-    log(f"exporting the float graph of {source} first")
-    export(source, workdir / "float", precision=precision, attention=attention, seed=seed, validate=False, log=log)
-    quant_ckpt = None
-    if path.is_file():
-        from turbotrt.models.checkpoint import is_quantized, read_state_dict
-
-        quant_ckpt = source if is_quantized(read_state_dict(path)) else None
-    return open_bundle(workdir / "float"), quant_ckpt
+def _state_dict_names(config: WanConfig) -> list[str]:
+    with torch.device("meta"):
+        return list(WanModel(config).state_dict())
 
 
-def checkpoint_tiles(path: str, config: WanConfig, names: Iterable[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def checkpoint_tiles(path: str, config: WanConfig, names) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """name -> (int8 codes [out, in], tile scales) of a TurboDiffusion `-quant` checkpoint."""
     from turbotrt.models.checkpoint import is_quantized, normalize_wan_state_dict, read_state_dict
 
@@ -139,37 +97,21 @@ def checkpoint_tiles(path: str, config: WanConfig, names: Iterable[str]) -> dict
     return out
 
 
-def text_contexts(config: WanConfig, qcfg: QuantConfig, embeddings, text_encoder, tokenizer, workdir: Path):
-    """(contexts, labels) for the config's prompts, or the rows of an embeddings file."""
+def text_contexts(config: WanConfig, qcfg: QuantConfig, embeddings, text_weights, tokenizer_path, text_encoder_name):
+    """(contexts, labels): the config's prompts through the umT5 reference, or an embeddings file's rows."""
     if embeddings is not None:
         ctx = load_embeddings(embeddings, config)
         return ctx, [f"{Path(embeddings).name}[{i}]" for i in range(len(ctx))]
-    if text_encoder is not None:
-        if tokenizer is None:
-            raise CalibrationError("a text encoder checkpoint needs its tokenizer (--tokenizer, or a bundle "
-                                   "that carries one)")
-        encoder, tok = load_text_encoder(text_encoder, tokenizer, config)
-    elif config.name.startswith("wan-tiny"):
-        encoder, tok = tiny_text_encoder(config, workdir)
-    else:
-        raise CalibrationError(f"{config.name}: give the umT5 checkpoint and tokenizer (text_encoder=, tokenizer=) "
-                               "to encode prompts, or precomputed embeddings (embeddings=)")
+    if text_weights is None or tokenizer_path is None:
+        raise CalibrationError(
+            f"calibrating {config.name} needs prompt embeddings: give the umT5 checkpoint and its tokenizer "
+            "(--text-encoder, --tokenizer), a bundle that carries both, or precomputed embeddings (--embeddings)")
+    from turbotrt.core.tokenizer import Tokenizer
+    from turbotrt.export import text_encoder
+
+    encoder = text_encoder.reference_model(text_encoder_name, text_weights)  # fp32: T5 overflows fp16
+    tok = Tokenizer(tokenizer_path, text_len=config.text_len)
     return encode_prompts(encoder, tok, qcfg.prompts), list(qcfg.prompts)
-
-
-def reference_model(bundle: SourceBundle, state_dict: dict, device="cpu") -> WanModel:
-    """The fp32 PyTorch model of what ONNX Runtime runs (SageSLA's function body is the exact `sla` core)."""
-    att = bundle.attention
-    ref_att = AttentionConfig(**{**att.to_dict(), "mode": "sla" if att.mode == "sagesla" else att.mode})
-    with torch.device("meta"):
-        model = WanModel(bundle.config, ref_att)
-    model.load_state_dict(state_dict, strict=True, assign=True)
-    return model.float().to(device).eval().requires_grad_(False)
-
-
-def _state_dict_names(config: WanConfig) -> list[str]:
-    with torch.device("meta"):
-        return list(WanModel(config).state_dict())
 
 
 # --- calibration -------------------------------------------------------------------------------------
@@ -217,6 +159,7 @@ def quantize_weights(state_dict: dict, names: list[str], mode: str, tiles: dict 
     )
 
 
+
 def calibrate(
     source: str | os.PathLike,
     out: str | os.PathLike,
@@ -234,60 +177,155 @@ def calibrate(
     tokenizer: str | os.PathLike | None = None,
     cache: str | os.PathLike | None = None,
     eval_seeds: Sequence[int] | None = None,
-    attention: str = "sla",
-    precision: str = "fp32",
+    export_options: dict | None = None,
+    validate: bool | None = None,
     evaluate: bool = True,
     device: str = "cpu",
     force: bool = False,
+    verify: bool = True,
     log: Callable[[str], None] = print,
     progress: Callable | None = None,
 ) -> QuantReport:
     """Calibrate the DiT of `source` and write the quantized bundle to `out`; returns the report.
 
-    source: an exported bundle folder, a tiny preset, or a checkpoint (exported first with
-    `attention` and `precision`). checkpoint: a `-quant` checkpoint whose int8 tiles become the
-    weights (a `-quant` source is used that way by itself). cache: reuse a calibration cache made
-    with the same settings instead of observing. eval_seeds: the report's seeds (default: one seed
-    past the calibration seeds, so the figures are held out). device: where the PyTorch models run
-    (the reference sampler, observers, fake-quant model); data stays on the CPU between uses.
+    source: an exported float bundle folder (verified unless verify=False), or a tiny preset or a
+    checkpoint, exported on the way with `export_options` (every option of `export`: resolution,
+    frames, attention, sla_topk, block_q/k, v_dtype, preset, vae, float_precision, ...) into the new
+    bundle itself. A `-quant` checkpoint's int8 tiles become the weights (per-channel, with the
+    conversion error in the report); `checkpoint` names one for a bundle source. text_encoder and
+    tokenizer: the umT5 checkpoint and tokenizer that encode the prompts (a bundle's own are used
+    when it has them); embeddings: precomputed prompt embeddings instead. cache: reuse a calibration
+    cache made with the same settings instead of observing. eval_seeds: the report's seeds (default:
+    one seed past the calibration seeds, so the figures are held out). device: where the PyTorch
+    models run (the reference sampler, observers, fake-quant model).
     """
     prompts = None if embeddings is not None else (prompts or QuantConfig.__dataclass_fields__["prompts"].default)
     qcfg = QuantConfig(mode=mode, observer=observer, percentile=percentile, smoothquant_alpha=smoothquant,
                        prompts=tuple(prompts or ()), embeddings_digest=file_digest(embeddings) if embeddings else None,
                        steps=steps, seeds=tuple(seeds), exclude=tuple(exclude))
-    out = Path(out)
-    if out.exists() and not force:
-        raise CalibrationError(f"{out} exists; pass force=True (--force) to replace it")
-    with tempfile.TemporaryDirectory(prefix="turbotrt-calib-") as tmp:
-        tmp = Path(tmp)
-        bundle, quant_ckpt = resolve_source(str(source), tmp, attention, precision, 0, log)
-        report = _calibrate_bundle(bundle, out, qcfg, checkpoint or quant_ckpt, embeddings, text_encoder, tokenizer,
-                                   cache, eval_seeds, evaluate, torch.device(device), tmp, log, progress)
+    export_options = dict(export_options or {})
+    path = Path(source)
+    bundle, plan = None, None
+    if path.is_dir():
+        if export_options:
+            raise CalibrationError(f"{source} is an exported bundle: its resolution, attention and precision are "
+                                   f"fixed; export options ({', '.join(sorted(export_options))}) apply when SOURCE "
+                                   "is a checkpoint or preset")
+        bundle = Bundle.load(path, verify=verify)
+        _check_source_bundle(bundle)
+    else:
+        if str(source) not in list_configs() and not path.is_file():
+            raise CalibrationError(f"{str(source)!r} is neither an exported bundle folder, a preset "
+                                   f"({', '.join(list_configs())}) nor a checkpoint file")
+        plan = plan_export(str(source), precision=mode, text_encoder_ckpt=text_encoder, tokenizer=tokenizer,
+                           **export_options)
+        if plan.config.is_i2v:
+            raise CalibrationError(f"{plan.config.name} is image-to-video: its calibration needs image conditioning, "
+                                   "which is not supported yet")
+        weights = plan.networks[0].weights
+        if checkpoint is None and getattr(weights, "quantized", False):
+            checkpoint = str(source)  # a -quant checkpoint: its own tiles are the weights
+    names = obs.quantized_linears((bundle.model if bundle else plan.config).num_layers, qcfg.exclude)
+    if not names:
+        raise CalibrationError(f"exclude patterns {list(qcfg.exclude)} leave no Linear to quantize")
+    with BundleWriter(out, force=force, log=log) as writer:
+        validation, lints = [], {}
+        if bundle is not None:
+            src = _copy_source(bundle, writer, validation, lints)
+            text_weights = _graph_weights(bundle, "text_encoder") if "text_encoder" in bundle.networks else None
+            tok_path = bundle.tokenizer if bundle.manifest.tokenizer else tokenizer
+            if text_weights is None and text_encoder is not None:
+                from turbotrt.export.text_encoder import checkpoint_weights as t5_weights
+                from turbotrt.models.t5 import get_t5_config
+
+                text_weights = t5_weights(text_encoder, get_t5_config(bundle.model.text_encoder))
+        else:
+            result = ExportResult(writer.out)
+            do_validate = validate if validate is not None else (plan.tiny or small(plan.config))
+            write_graphs(plan, writer, result, do_validate, export_options.get("seed", 0), log, progress)
+            validation = [r.to_dict() for r in result.reports if r.network != NETWORK]
+            lints = {n: f for n, f in result.lint.items() if n != NETWORK}
+            net = plan.networks[0]
+            entry = writer.graphs[NETWORK]
+            src = DitSource(plan.config, plan.profile, plan.attention, net.spec.precision, writer.root / entry.file,
+                            entry.data, getter(net.weights))
+            t5 = next((n for n in plan.networks if n.network == "text_encoder"), None)
+            text_weights = t5.weights if t5 else None
+            tok_path = writer.root / writer.tokenizer if writer.tokenizer else None
+        report = _calibrate(src, writer, qcfg, names, checkpoint, embeddings, text_weights, tok_path, cache,
+                            eval_seeds, evaluate, torch.device(device), log, progress)
+        lints[NETWORK] = [str(f) for f in lint(writer.file(f"{NETWORK}.onnx"))]
+        quantization = Quantization(
+            mode=qcfg.mode, float_precision=src.precision, observer=qcfg.observer, config_hash=qcfg.config_hash(),
+            networks=(NETWORK,), quantized_linears=tuple(names), cache=CACHE_FILE, report=REPORT_FILE,
+            details=dict(
+                activations="per-tensor symmetric" + (" int8" if qcfg.mode == "int8" else " fp8 e4m3"),
+                weights="per-output-channel symmetric int8" if qcfg.mode == "int8" else "per-tensor fp8 e4m3",
+                weight_source="-quant checkpoint tiles" if checkpoint else "float weights",
+                smoothquant_alpha=qcfg.smoothquant_alpha),
+        )
+        report.out = str(writer.out)
+        report.save(writer.file(REPORT_FILE))
+        writer.commit(src.config, src.profile, src.attention, qcfg.mode, quantization=quantization,
+                      validation=validation, lint=lints)
+    log(report.format())
     return report
 
 
-def _calibrate_bundle(bundle: SourceBundle, out: Path, qcfg: QuantConfig, checkpoint, embeddings, text_encoder, tokenizer,
-                      cache, eval_seeds, evaluate, device: torch.device, tmp: Path, log, progress) -> QuantReport:
-    config = bundle.config
-    names = obs.quantized_linears(config.num_layers, qcfg.exclude)
-    if not names:
-        raise CalibrationError(f"exclude patterns {list(qcfg.exclude)} leave no Linear to quantize")
-    state_dict = float_state_dict(bundle.graph, _state_dict_names(config))
+def _check_source_bundle(bundle: Bundle) -> None:
+    if bundle.manifest.quantization is not None:
+        raise CalibrationError(f"{bundle.root} is already quantized ({bundle.precision}); calibrate the float "
+                               "export instead")
+    if bundle.model.is_i2v:
+        raise CalibrationError(f"{bundle.model.name} is image-to-video: its calibration needs image conditioning, "
+                               "which is not supported yet")
+    if NETWORK not in bundle.networks:
+        raise CalibrationError(f"{bundle.root} has no '{NETWORK}' graph (graphs: {', '.join(bundle.networks)})")
+
+
+def _graph_weights(bundle: Bundle, network: str) -> GraphWeights:
+    data = bundle.data(network)
+    return GraphWeights(bundle.graph(network), data.name if data else None)
+
+
+def _copy_source(bundle: Bundle, writer: BundleWriter, validation: list, lints: dict) -> DitSource:
+    """Copy every file of the float bundle but its DiT graph and that graph's engines (built for the
+    float graph, they would not match) into the writer's folder: copies, never links."""
+    m = bundle.manifest
+    entry = m.graphs[NETWORK]
+    skip = {entry.file, entry.data} | {e.file for e in m.engines.get(NETWORK, [])}
+    skip |= {e.file for es in m.engines.values() for e in es}  # engines are rebuilt for the new bundle
+    for rel in m.files:
+        if rel not in skip:
+            writer.copy_in(bundle.path(rel), rel)
+    writer.graphs.update({n: g for n, g in m.graphs.items() if n != NETWORK})
+    writer.tokenizer = m.tokenizer
+    validation += [v for v in m.validation if v.get("network") != NETWORK]
+    lints.update({n: f for n, f in m.lint.items() if n != NETWORK})
+    # The quantized graph replaces the float one under the same name (spec unchanged: fp I/O).
+    writer.graphs[NETWORK] = entry
+    weights = _graph_weights(bundle, NETWORK)
+    return DitSource(bundle.model, bundle.profile, bundle.attention, entry.spec.precision, bundle.graph(NETWORK),
+                     entry.data, weights)
+
+
+def _calibrate(src: DitSource, writer: BundleWriter, qcfg: QuantConfig, names: list[str], checkpoint, embeddings,
+               text_weights, tokenizer_path, cache, eval_seeds, evaluate, device: torch.device, log,
+               progress) -> QuantReport:
+    config = src.config
+    state_dict = {n: src.weights(n).float() for n in _state_dict_names(config)}
     tiles = None
     if checkpoint is not None:
         tiles = checkpoint_tiles(str(checkpoint), config, names)
         state_dict.update(_dequantized(tiles, state_dict))
-    model = reference_model(bundle, state_dict, device)
-
-    if tokenizer is None and bundle.manifest.get("tokenizer"):
-        tokenizer = bundle.path / bundle.manifest["tokenizer"]
-    text = _Lazy(lambda: text_contexts(config, qcfg, embeddings, text_encoder, tokenizer, tmp))
+    model = dit.reference_model(config, src.attention, state_dict, "fp32", device)
+    text = _Lazy(lambda: text_contexts(config, qcfg, embeddings, text_weights, tokenizer_path, config.text_encoder))
 
     def sample():
         contexts, labels = text()
         log(f"calibration set: {len(contexts)} prompts x seeds {list(qcfg.seeds)} x {qcfg.steps} rCM steps "
-            f"at {bundle.profile}")
-        return build_calibration_set(model, contexts, bundle.shape, qcfg.steps, qcfg.seeds, labels=labels,
+            f"at {src.profile.name}")
+        return build_calibration_set(model, contexts, src.shape, qcfg.steps, qcfg.seeds, labels=labels,
                                      progress=progress)
 
     data = _Lazy(sample)  # a cache without evaluation needs no trajectories
@@ -306,35 +344,18 @@ def _calibrate_bundle(bundle: SourceBundle, out: Path, qcfg: QuantConfig, checkp
         log(f"reusing calibration cache {cache} (config {qcfg.config_hash()})")
     else:
         smoothed, factors = smooth(model, state_dict, data(), qcfg, names, progress)
-        sq_model = reference_model(bundle, smoothed, device) if factors else model
+        sq_model = dit.reference_model(config, src.attention, smoothed, "fp32", device) if factors else model
         amax = observe_amax(sq_model, data(), qcfg, names, progress)
     weights, conversion = quantize_weights(smoothed, names, qcfg.mode, tiles)
 
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    try:
-        graph = partial / bundle.graph.name
-        overrides = {k: v for k, v in smoothed.items() if v is not state_dict[k] and not _is_quantized_weight(k, names)}
-        log(f"inserting {qcfg.mode} Q/DQ for {len(names)} Linears into {graph.name}")
-        insert_qdq(bundle.graph, graph, weights, amax, qcfg.mode, overrides, progress)
-        cal = CalibrationCache(qcfg, config.name, amax, {k: v.tolist() for k, v in factors.items()}, bundle.profile)
-        cal.save(partial / CACHE_FILE)
-        report = _report(bundle, qcfg, names, model, smoothed, weights, amax, factors, conversion, data, text, graph,
-                         eval_seeds, evaluate, progress, log)
-        report.out = str(out)
-        report.save(partial / REPORT_FILE)
-        _copy_other_files(bundle, partial)
-        _write_manifest(bundle, partial, qcfg, names, graph)
-        old = out.with_name(out.name + ".old")
-        if out.exists():
-            os.replace(out, old)
-        os.replace(partial, out)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
-    log(report.format())
-    return report
+    graph = writer.file(f"{NETWORK}.onnx")
+    overrides = {k: v for k, v in smoothed.items() if v is not state_dict[k] and not _is_quantized_weight(k, names)}
+    log(f"inserting {qcfg.mode} Q/DQ for {len(names)} Linears into {graph.name}")
+    insert_qdq(src.graph, src.data, graph, weights, amax, qcfg.mode, overrides, progress)
+    CalibrationCache(qcfg, config.name, amax, {k: v.tolist() for k, v in factors.items()},
+                     src.profile.name).save(writer.file(CACHE_FILE))
+    return _report(src, qcfg, names, model, smoothed, weights, amax, factors, conversion, data, text, graph,
+                   eval_seeds, evaluate, progress, log)
 
 
 class _Lazy:
@@ -363,18 +384,20 @@ def _dequantized(tiles: dict, state_dict: dict) -> dict:
     return out
 
 
+
 def _is_quantized_weight(key: str, names: list[str]) -> bool:
     return key.endswith(".weight") and key[: -len(".weight")] in set(names)
 
 
-def _report(bundle, qcfg, names, model, smoothed, weights, amax, factors, conversion, data, text, graph,
+
+def _report(src: "DitSource", qcfg, names, model, smoothed, weights, amax, factors, conversion, data, text, graph,
             eval_seeds, evaluate, progress, log) -> QuantReport:
-    config = bundle.config
+    config = src.config
     eval_seeds = tuple(eval_seeds) if eval_seeds is not None else (max(qcfg.seeds) + 1,)
     held_out = not set(eval_seeds) & set(qcfg.seeds)
     n_prompts = len(qcfg.prompts) if qcfg.prompts else "embedded"
     report = QuantReport(
-        qcfg.mode, qcfg.observer, qcfg.config_hash(), config.name, bundle.profile,
+        qcfg.mode, qcfg.observer, qcfg.config_hash(), config.name, src.profile.name,
         f"{n_prompts} prompts x seeds {list(eval_seeds)} ({'held-out seeds' if held_out else 'calibration data'})",
         quantized={n: dict(input_amax=amax[n], weight_scale_min=float(weights[n].scale.min()),
                            weight_scale_max=float(weights[n].scale.max()),
@@ -390,7 +413,7 @@ def _report(bundle, qcfg, names, model, smoothed, weights, amax, factors, conver
     if not evaluate:
         report.notes.append("quality not evaluated (evaluate=False)")
         return report
-    if bundle.attention.mode != "dense":
+    if src.attention.sparse:
         report.notes.append("SLA keeps the top-k key blocks of each query block; quantizing q/k can change that "
                             "selection ('SLA rows changed'), which swaps whole key blocks and dominates the error "
                             "of the samples where it happens")
@@ -398,13 +421,14 @@ def _report(bundle, qcfg, names, model, smoothed, weights, amax, factors, conver
         eval_data = data()
     else:
         contexts, labels = text()
-        eval_data = build_calibration_set(model, contexts, bundle.shape, qcfg.steps, eval_seeds, labels=labels,
+        eval_data = build_calibration_set(model, contexts, src.shape, qcfg.steps, eval_seeds, labels=labels,
                                           progress=progress)
-    fq = fake_quant_model(reference_model(bundle, smoothed, model_device(model)), weights, amax, qcfg.mode)
+    fq = fake_quant_model(dit.reference_model(config, src.attention, smoothed, "fp32", model_device(model)), weights,
+                          amax, qcfg.mode)
     backends = [("pytorch-fakequant", fq)]
-    if bundle.precision != "bf16":
+    if src.precision != "bf16":
         backends.insert(0, ("onnxruntime", OrtDit(graph, config)))
-        if bundle.precision == "fp16":
+        if src.precision == "fp16":
             report.notes.append("fp16 graph in ONNX Runtime vs an fp32 fake-quant model: the gap includes fp16 rounding")
     else:
         report.notes.append("ONNX Runtime's CPU provider has no bf16 kernels for this graph; only the fake-quant "
@@ -420,39 +444,7 @@ def _site_consumers(config, names, factors) -> list[tuple[str, ...]]:
     return [s.consumers for s in smooth_sites(config.num_layers, config.head_dim, set(names)) if s.name in factors]
 
 
-def _copy_other_files(bundle: SourceBundle, folder: Path) -> None:
-    """Every file of the float bundle but its DiT graph and the DiT's engines (built for the float
-    graph, they would not match); hard links where the file system allows, else copies."""
-    graph = bundle.manifest["graphs"][bundle.network]
-    skip = {graph["file"], graph["data"]}
-    skip |= {e["file"] for e in bundle.manifest.get("engines", {}).get(bundle.network, [])}
-    for rel in bundle.manifest.get("files", {}):
-        if rel in skip:
-            continue
-        src, dst = bundle.path / rel, folder / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(src, dst)
-        except OSError:
-            shutil.copy2(src, dst)
 
 
-def _write_manifest(bundle: SourceBundle, folder: Path, qcfg: QuantConfig, names: list[str], graph: Path) -> None:
-    from turbotrt.bundle import file_hashes, write_manifest
-    from turbotrt.export.lint import lint
-
-    network = bundle.network
-    manifest = dict(bundle.manifest)
-    manifest["engines"] = {n: e for n, e in manifest.get("engines", {}).items() if n != network}
-    # The float graph's validation does not describe this one: the quality report does.
-    manifest["validation"] = [v for v in manifest.get("validation", []) if v.get("network") != network]
-    manifest["lint"] = {**manifest.get("lint", {}), network: [str(f) for f in lint(graph)]}
-    manifest["quantization"] = dict(
-        mode=qcfg.mode, observer=qcfg.observer, config_hash=qcfg.config_hash(),
-        activations="per-tensor symmetric" + (" int8" if qcfg.mode == "int8" else " fp8 e4m3"),
-        weights="per-output-channel symmetric int8" if qcfg.mode == "int8" else "per-tensor fp8 e4m3",
-        smoothquant_alpha=qcfg.smoothquant_alpha, quantized_linears=names,
-        cache=CACHE_FILE, report=REPORT_FILE,
-    )
-    manifest["files"] = file_hashes(folder)
-    write_manifest(folder, manifest)
+def _site_consumers(config, names, factors) -> list[tuple[str, ...]]:
+    return [s.consumers for s in smooth_sites(config.num_layers, config.head_dim, set(names)) if s.name in factors]

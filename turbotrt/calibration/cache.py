@@ -18,13 +18,15 @@ from pathlib import Path
 import torch
 
 from turbotrt.calibration.config import QuantConfig
+from turbotrt.core.errors import TurbotrtError
+from turbotrt.core.files import write_atomic
 
 FORMAT = "turbotrt-calibration-cache"
 VERSION = 1
 INPUT_SUFFIX = ".input"
 
 
-class CacheError(ValueError):
+class CacheError(TurbotrtError, ValueError):
     """A calibration cache that cannot be read or does not belong to this calibration."""
 
 
@@ -58,14 +60,7 @@ class CalibrationCache:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write atomically (temp file, then rename)."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.partial")
-        try:
-            tmp.write_text(json.dumps(self.to_dict(), indent=2))
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return path
+        return write_atomic(path, json.dumps(self.to_dict(), indent=2))
 
 
 def load_cache(path: str | os.PathLike, config: QuantConfig | None = None, preset: str | None = None) -> CalibrationCache:

@@ -12,6 +12,8 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 
+from turbotrt.core.errors import TurbotrtError
+
 MODES = ("int8", "fp8")
 OBSERVERS = ("max", "percentile", "entropy", "mse")
 # The histogram observers' resolution: TensorRT's entropy calibrator used 2048 bins.
@@ -27,7 +29,7 @@ DEFAULT_PROMPTS = (
 )
 
 
-class QuantConfigError(ValueError):
+class QuantConfigError(TurbotrtError, ValueError):
     """A calibration setting that is out of range or inconsistent with the others."""
 
 

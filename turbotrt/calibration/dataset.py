@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from turbotrt.models.configs import WanConfig
-from turbotrt.runtime.rcm import net_timesteps, rcm_times, timestep_sinusoid
+from turbotrt.core.configs import WanConfig
+from turbotrt.core.rcm import net_timesteps, rcm_times, timestep_sinusoid
 
 
 @dataclass
@@ -158,7 +158,7 @@ def tiny_text_encoder(config: WanConfig, workdir: str | os.PathLike, seed: int =
 def load_text_encoder(text_encoder: str | os.PathLike, tokenizer: str | os.PathLike, config: WanConfig):
     """A real umT5 checkpoint and tokenizer (fp32 on the CPU: T5 activations overflow fp16)."""
     from turbotrt.models.t5 import load_t5
-    from turbotrt.models.tokenizer import Tokenizer
+    from turbotrt.core.tokenizer import Tokenizer
 
     encoder = load_t5(text_encoder).float()
     if encoder.cfg.dim != config.text_dim:

@@ -29,11 +29,12 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
-from turbotrt.calibration.graph_io import TORCH_OF, save_model, tensor_proto
+from turbotrt.core.errors import TurbotrtError
+from turbotrt.export.onnx_io import TORCH_OF, load_graph, save_model, tensor_proto
 from turbotrt.calibration.quantize import FP8_MAX, QuantizedWeight, act_scale
 
 
-class QdqError(RuntimeError):
+class QdqError(TurbotrtError):
     pass
 
 
@@ -97,6 +98,7 @@ def _zero_point(name: str, mode: str, shape=()) -> TensorProto:
 
 def insert_qdq(
     src: str | os.PathLike,
+    src_data: str | None,
     dst: str | os.PathLike,
     weights: Mapping[str, QuantizedWeight],
     amax: Mapping[str, float],
@@ -104,13 +106,14 @@ def insert_qdq(
     float_overrides: Mapping[str, torch.Tensor] | None = None,
     progress: Callable | None = None,
 ) -> QdqSummary:
-    """Write `dst` (+ `.data`): `src` with Q/DQ around each Linear in `weights`.
+    """Write `dst` (+ `.data`): `src` (its external data in `src_data`, checked) with Q/DQ around each
+    Linear in `weights`. `dst` may be `src`: the new files replace the old ones only when complete.
 
     amax: activation amax per Linear; float_overrides: new values of float initializers (SmoothQuant
     folds), stored in each initializer's own type.
     """
     src, dst = Path(src), Path(dst)
-    model = onnx.load(str(src), load_external_data=False)
+    model = load_graph(src, src_data)
     names = list(weights)
     missing = [n for n in names if n not in amax]
     if missing:

@@ -10,7 +10,7 @@ TensorRT has no INT8 block-scaled GEMM, so each output row is re-quantized with 
 `scale_c = max_row |W_tile| / 127`. The added error is at most `scale_c / 2 = amax_c / 254` per
 element (round to nearest on a grid that covers the row), i.e. at most half a step of the coarsest
 tile of the row times 128/127; tiles with smaller scales than the row's largest lose up to that much
-of their finer resolution. `tiles_to_per_channel` returns the measured error with the bound.
+of their finer resolution. `conversion_error` measures it against that bound.
 """
 
 from __future__ import annotations
@@ -67,15 +67,6 @@ class ConversionError:
         return self.max_abs <= self.bound + self.slack
 
 
-def tiles_to_per_channel(codes: Tensor, tile_scale: Tensor) -> tuple[QuantizedWeight, ConversionError]:
-    """TurboDiffusion's int8 tiles (+ [ceil(out/128), ceil(in/128)] scales) -> per-channel int8."""
-    from turbotrt.models.int8 import dequantize_tiles
-
-    w_tile = dequantize_tiles(codes, tile_scale)
-    q = quantize_weight(w_tile, "int8")
-    return q, conversion_error(w_tile, q)
-
-
 def conversion_error(w_ref: Tensor, q: QuantizedWeight) -> ConversionError:
     diff = q.dequantize() - w_ref
     bound = float(q.scale.max()) / 2 if q.scale.ndim else float(q.scale) / 2
@@ -130,5 +121,5 @@ def fake_quant_model(model: nn.Module, weights: dict[str, QuantizedWeight], amax
     return fq.eval()
 
 
-__all__ = ["QuantizedWeight", "ConversionError", "quantize_weight", "tiles_to_per_channel", "conversion_error",
+__all__ = ["QuantizedWeight", "ConversionError", "quantize_weight", "conversion_error",
            "act_scale", "fake_quant_activation", "FakeQuantLinear", "fake_quant_model", "int_fake_quant"]

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from turbotrt.calibration.dataset import CalibrationSet, model_device
-from turbotrt.runtime.rcm import timestep_sinusoid
+from turbotrt.core.rcm import timestep_sinusoid
 
 
 def cosine(a, b) -> float:
@@ -80,9 +80,9 @@ class QuantReport:
         return asdict(self)
 
     def save(self, path) -> None:
-        from pathlib import Path
+        from turbotrt.core.files import write_atomic
 
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+        write_atomic(path, json.dumps(self.to_dict(), indent=2))
 
     def format(self) -> str:
         lines = [f"{self.preset} {self.profile}: {self.mode} / {self.observer} (config {self.config_hash}), "

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import onnx
 from onnx import TensorProto
 
-from turbotrt.plugins.sagesla import contract as C
+from turbotrt.core import sagesla as C
 
 # ONNX ops TensorRT's parser supports (operator matrix of TensorRT 10.0; later versions add more).
 TRT_OPS = frozenset("""

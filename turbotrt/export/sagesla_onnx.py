@@ -1,9 +1,13 @@
 """SLA self-attention as it is exported: standard ops around one `turbodiffusion::SageSLA` node.
 
-The node follows `turbotrt.plugins.sagesla.contract`. Its ONNX function body (the same name and
-domain, attached to the model after export because torch's exporter inlines functions it is given)
-is the float sparse core traced from the PyTorch reference, so ONNX Runtime runs the reference math
-and TensorRT, seeing `plugin_namespace`, runs the plugin.
+The node follows the op contract (`turbotrt.core.sagesla`). Its ONNX function body (the same name
+and domain, attached to the model after export because torch's exporter inlines functions it is
+given) is the float sparse core traced from the PyTorch reference, so ONNX Runtime runs the
+reference math and TensorRT, seeing `plugin_namespace`, runs the plugin.
+
+The reference knows nothing of this: before tracing, `swap_for_export` replaces each sparse
+`SparseLinearAttention` of a model by `SageSLAExport`, which holds the same `proj_l` (so weights
+keep their checkpoint names) and emits the node.
 """
 
 from __future__ import annotations
@@ -15,13 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from turbotrt.core import sagesla as C
+from turbotrt.core.configs import AttentionConfig
 from turbotrt.models import attention as ref
-from turbotrt.plugins.sagesla import contract as C
-
-def quant_mode(config: ref.AttentionConfig) -> str:
-    if config.mode == "sla":
-        return "none"
-    return {"fp8": "int8_fp8", "fp16": "int8_fp16"}[config.v_dtype]
 
 
 def block_map_export(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int, topk: float) -> torch.Tensor:
@@ -36,7 +36,7 @@ def block_map_export(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: in
     pooled_k = ref._mean_pool(k32 - k32.mean(dim=-2, keepdim=True), block_k)
     score = pooled_q @ pooled_k.transpose(-1, -2)  # [B, H, Nq, Nk]
     nk = score.shape[-1]
-    n = ref.topk_count(nk, topk)
+    n = C.kept_blocks(nk, topk)
     if n == nk:
         idx = torch.arange(nk, dtype=torch.int32, device=q.device)
         return idx.expand(*score.shape[:-1], nk)
@@ -56,14 +56,11 @@ def sagesla_node(q, k, v, block_idx, k_mean, v_amax, attrs: C.SageSLAAttrs) -> t
     return out.to(q.device)  # symbolic() makes its output on the CPU; tracing on meta needs one device
 
 
-def attrs_for(q_shape, config: ref.AttentionConfig) -> C.SageSLAAttrs:
-    L, D = q_shape[-2], q_shape[-1]
-    n = ref.topk_count(C.cdiv(L, config.block_k), config.topk)
-    return C.SageSLAAttrs(block_q=config.block_q, block_k=config.block_k, topk=n, sm_scale=D**-0.5,
-                          quant=quant_mode(config))
+def attrs_for(q_shape, config: AttentionConfig) -> C.SageSLAAttrs:
+    return C.SageSLAAttrs.for_shape(q_shape, config.block_q, config.block_k, config.topk, config.quant)
 
 
-def sla_attention_export(q, k, v, proj_l: nn.Linear, config: ref.AttentionConfig) -> torch.Tensor:
+def sla_attention_export(q, k, v, proj_l: nn.Linear, config: AttentionConfig) -> torch.Tensor:
     """`ref.sla_attention` for sla/sagesla with the sparse core as the custom node; `[B, H, L, D]`."""
     attrs = attrs_for(q.shape, config)
     idx = block_map_export(q, k, config.block_q, config.block_k, config.topk)
@@ -73,6 +70,30 @@ def sla_attention_export(q, k, v, proj_l: nn.Linear, config: ref.AttentionConfig
     bias = None if proj_l.bias is None else proj_l.bias.float()
     o_l = F.linear(ref._linear(q, k, v), proj_l.weight.float(), bias)
     return (o_s.float() + o_l).to(q.dtype)
+
+
+class SageSLAExport(nn.Module):
+    """`SparseLinearAttention` as exported: the sparse core is the custom node. Same `proj_l`, so the
+    graph's initializers keep the checkpoint's names."""
+
+    def __init__(self, source: ref.SparseLinearAttention):
+        super().__init__()
+        self.head_dim, self.config = source.head_dim, source.config
+        self.proj_l = source.proj_l
+
+    def forward(self, q, k, v):
+        return sla_attention_export(q, k, v, self.proj_l, self.config)
+
+
+def swap_for_export(model: nn.Module) -> int:
+    """Replace every sparse (sla/sagesla) `SparseLinearAttention` of `model` in place; returns how many."""
+    swapped = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, ref.SparseLinearAttention) and module.config.sparse:
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf, SageSLAExport(module))
+            swapped += 1
+    return swapped
 
 
 # --- the function body ------------------------------------------------------------------------------
@@ -96,10 +117,10 @@ def function_body(q_shape, dtype: torch.dtype, attrs: C.SageSLAAttrs, opset: int
     meta = dict(device="meta")  # shapes only: a 480p body needs no activation memory to trace
     args = (
         torch.empty(q_shape, dtype=dtype, **meta), torch.empty(q_shape, dtype=dtype, **meta),
-        torch.empty(q_shape, dtype=dtype, **meta), torch.empty(B, H, nq, attrs.topk, dtype=torch.int32, **meta),
+        torch.empty(q_shape, dtype=dtype, **meta), torch.empty(B, H, nq, attrs.kept_blocks, dtype=torch.int32, **meta),
         torch.empty(B, H, 1, D, **meta), torch.empty(B, H, 1, D, **meta),
     )
-    from turbotrt.export.onnx_graph import _quiet
+    from turbotrt.export.onnx_io import _quiet
 
     with warnings.catch_warnings(), _quiet("torch.onnx"):
         warnings.simplefilter("ignore")

@@ -1,4 +1,4 @@
-"""umT5 text encoder export: trace on `meta`, stream the weights from the checkpoint.
+"""The umT5 text encoder's export definition: trace on `meta`, stream the weights from the checkpoint.
 
 Graph `text_encoder` (static batch and `text_len`):
     ids   int32 [B, text_len]  token ids, right-padded with 0 (TensorRT indexes with int32)
@@ -15,64 +15,59 @@ Initializers are named like the checkpoint's keys (`blocks.0.attn.q.weight`) and
 from __future__ import annotations
 
 import os
-from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from turbotrt.export.configs import ExportSpec, IOSpec, Tolerance, check_precision
-from turbotrt.export.dit import DTYPE_OF, _strip_prefix
-from turbotrt.export.onnx_graph import name_nodes_by_module, trace, write_model
+from turbotrt.core.manifest import GraphSpec, IOSpec, Tolerance
+from turbotrt.export.networks import NetworkExport, WeightSource, getter
 from turbotrt.models.checkpoint import CheckpointError, check_state_dict, expected_shapes, read_state_dict
+from turbotrt.models.dtypes import torch_dtype
 from turbotrt.models.t5 import T5Config, build_t5, detect_t5_config, get_t5_config
 
 NETWORK = "text_encoder"
-T5_PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16")
 
 # ONNX Runtime / TensorRT against the PyTorch encoder in the same precision. Outputs are O(1) (the
 # final RMS norm), so the absolute terms are meaningful on their own. Measured on `umt5-tiny`: fp32
 # ~1e-6; bf16 is not runnable on ONNX Runtime's CPU provider, so its bound is one the bf16 PyTorch
 # encoder itself meets against fp32 (max 0.036, cosine 0.99997): two bf16 runs should agree better.
-T5_TOLERANCE = {
+TOLERANCE = {
     "fp32": Tolerance(1e-4, 1e-4, 0.99999, "same fp32 math, different GEMM kernels and summation order"),
     "bf16": Tolerance(1e-1, 5e-2, 0.999, "bf16 (8-bit mantissa) rounding of projections and the residual stream "
                                          "in a different order, compounded over the layers"),
 }
 
-WeightSource = Mapping[str, torch.Tensor] | Callable[[str], torch.Tensor]
-
-
 def _config(config: T5Config | str) -> T5Config:
     return get_t5_config(config) if isinstance(config, str) else config
 
 
-def check_t5_precision(precision: str) -> str:
+def check_precision(precision: str) -> str:
     if precision == "fp16":
         raise ValueError(
             "the text encoder cannot be exported in fp16: umT5 activations overflow fp16 (the residual stream "
             "grows past 65504 and turns into inf/NaN); use bf16 (the released weights' dtype) or fp32"
         )
-    check_precision(precision)
-    if precision not in T5_PRECISIONS:
-        raise ValueError(f"the text encoder exports in {' or '.join(T5_PRECISIONS)}, not {precision!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"the text encoder exports in {' or '.join(PRECISIONS)}, not {precision!r}")
     return precision
 
 
-def t5_spec(config: T5Config | str, precision: str, batch: int = 1) -> ExportSpec:
+def spec(config: T5Config | str, precision: str, batch: int = 1) -> GraphSpec:
     """The `text_encoder` graph for `batch` prompts of `config.text_len` tokens."""
     cfg = _config(config)
-    check_t5_precision(precision)
+    check_precision(precision)
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
     tokens = (batch, cfg.text_len)
-    return ExportSpec(
+    return GraphSpec(
         NETWORK,
         (IOSpec("ids", tokens, "int32"), IOSpec("mask", tokens, "int32")),
         (IOSpec("context", (*tokens, cfg.dim), "float32"),),
         precision,
-        T5_TOLERANCE[precision],
+        TOLERANCE[precision],
         extra=dict(model=cfg.name, text_len=cfg.text_len, vocab_size=cfg.vocab_size, pad_id=0),
     )
 
@@ -88,25 +83,20 @@ class _Encode(nn.Module):
         return self.model(ids, mask).float()
 
 
-def export_text_encoder(
-    config: T5Config | str,
-    spec: ExportSpec,
-    path: str | os.PathLike,
-    weights: WeightSource,
-    progress=None,
-) -> Path:
-    """Write `path` (+ `.data`); `weights` is a state dict or a name -> tensor getter."""
+def definition(config: T5Config | str, precision: str, weights: WeightSource, batch: int = 1) -> NetworkExport:
     cfg = _config(config)
-    check_t5_precision(spec.precision)
-    model = build_t5(cfg, "meta").to(DTYPE_OF[spec.precision])
-    args = tuple(torch.empty(i.shape, dtype=getattr(torch, i.dtype), device="meta") for i in spec.inputs)
-    traced = trace(_Encode(model), args, spec.input_names, spec.output_names)
-    _strip_prefix(traced, "model.")
-    name_nodes_by_module(traced.model, strip="model.")
-    return write_model(traced, path, weights, progress)
+    graph = spec(cfg, precision, batch)
+    return NetworkExport(
+        graph, "text_encoder",
+        build=lambda: _Encode(build_t5(cfg, "meta").to(torch_dtype(precision))),
+        weights=weights,
+        reference=lambda: reference(cfg, weights, precision),
+        feeds=lambda seed: feeds(graph, seed=seed),
+        summary=f"{cfg.name}, {precision}",
+    )
 
 
-def t5_checkpoint_weights(path: str | os.PathLike, config: T5Config | str) -> Callable[[str], torch.Tensor]:
+def checkpoint_weights(path: str | os.PathLike, config: T5Config | str) -> Callable[[str], torch.Tensor]:
     """Name -> tensor from an mmap'd umT5 checkpoint, after checking every key and shape up front
     (CheckpointError names the missing, unexpected and mis-shaped ones)."""
     cfg = _config(config)
@@ -127,13 +117,18 @@ def t5_checkpoint_weights(path: str | os.PathLike, config: T5Config | str) -> Ca
     return get
 
 
-def t5_reference(config: T5Config | str, weights: WeightSource, precision: str) -> Callable[[dict], dict]:
-    """PyTorch run of what the graph computes, for `validate_onnx`: feeds -> {"context": fp32}."""
+def reference_model(config: T5Config | str, weights: WeightSource, precision: str = "fp32") -> nn.Module:
+    """The PyTorch encoder with `weights` in `precision`: `(ids, mask) -> context`."""
     cfg = _config(config)
     model = build_t5(cfg, "meta")
-    get = weights.__getitem__ if isinstance(weights, Mapping) else weights
-    model.load_state_dict({k: get(k).to(DTYPE_OF[precision]) for k in model.state_dict()}, assign=True)
-    model = model.eval().requires_grad_(False)
+    get = getter(weights)
+    model.load_state_dict({k: get(k).to(torch_dtype(precision)) for k in model.state_dict()}, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def reference(config: T5Config | str, weights: WeightSource, precision: str) -> Callable[[dict], dict]:
+    """PyTorch run of what the graph computes, for `validate_onnx`: feeds -> {"context": fp32}."""
+    model = reference_model(config, weights, precision)
 
     @torch.no_grad()
     def run(feeds):
@@ -143,7 +138,7 @@ def t5_reference(config: T5Config | str, weights: WeightSource, precision: str) 
     return run
 
 
-def t5_feeds(spec: ExportSpec, prompt_lens: Sequence[int] | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+def feeds(spec: GraphSpec, prompt_lens: Sequence[int] | None = None, seed: int = 0) -> dict[str, np.ndarray]:
     """Feeds shaped like the tokenizer's: random ids on a prefix of each row, then padding."""
     b, length = spec.inputs[0].shape
     rng = np.random.default_rng(seed)

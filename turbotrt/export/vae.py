@@ -1,4 +1,4 @@
-"""Wan VAE export: the four streaming graphs, their causal-conv caches as explicit inputs/outputs.
+"""The Wan VAE's export definitions: four streaming graphs, their causal-conv caches as explicit I/O.
 
 Graphs (static batch B and size; h, w = H/8, W/8; N = the cache length of the preset and size):
     vae_decode_first  z [B,16,1,h,w]                  -> video [B,3,1,H,W], cache_out.0..N-1
@@ -22,19 +22,19 @@ Latent mean/std are 16-value constants inside the graph, not weights.
 from __future__ import annotations
 
 import os
-from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable
 
-import numpy as np
 import onnx
 import torch
 from torch import nn
 
-from turbotrt.export.configs import ExportSpec, IOSpec, Tolerance, check_precision
-from turbotrt.export.dit import DTYPE_OF, _strip_prefix
-from turbotrt.export.onnx_graph import TracedGraph, name_nodes_by_module, trace, write_model
+from turbotrt.core.configs import ShapeProfile
+from turbotrt.core.manifest import GraphSpec, IOSpec, Tolerance
+from turbotrt.core.precision import FLOAT_PRECISIONS, NUMPY_DTYPE
+from turbotrt.export.networks import NetworkExport, WeightSource, getter, random_feeds, to_torch_input
+from turbotrt.export.onnx_io import TracedGraph
 from turbotrt.models.checkpoint import check_state_dict, expected_shapes, read_state_dict
-from turbotrt.models.configs import ShapeProfile
+from turbotrt.models.dtypes import torch_dtype
 from turbotrt.models.vae import (
     LATENT_MEAN,
     LATENT_STD,
@@ -52,14 +52,11 @@ DECODE_NETWORKS = ("vae_decode_first", "vae_decode_step")
 ENCODE_NETWORKS = ("vae_encode_first", "vae_encode_step")  # image-to-video conditioning only
 VAE_NETWORKS = DECODE_NETWORKS + ENCODE_NETWORKS
 
-# Graph I/O dtype names of the cache per precision (numpy names; bfloat16 as ml_dtypes spells it).
-CACHE_DTYPE = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-
 # ONNX Runtime / TensorRT against the PyTorch VAE in the same precision, on video (O(1) values),
 # latents (O(1) after normalisation) and the cache outputs alike. Measured on `wan-vae-tiny`: fp32
 # ~1e-5, fp16 8e-3 worst (a cache output). bf16 is not runnable on ONNX Runtime's CPU provider; its
 # bound is one the bf16 PyTorch VAE itself meets against fp32 (max 0.12, cosine 0.9997).
-VAE_TOLERANCE = {
+TOLERANCE = {
     "fp32": Tolerance(1e-4, 1e-4, 0.99999, "same fp32 convolutions, different kernels and summation order"),
     "fp16": Tolerance(2e-2, 1e-2, 0.9999, "fp16 rounding of ~30 stacked convolutions and RMS norms in a different "
                                           "order"),
@@ -69,9 +66,6 @@ VAE_TOLERANCE = {
 
 _ONNX_FLOAT = {torch.float32: onnx.TensorProto.FLOAT, torch.float16: onnx.TensorProto.FLOAT16,
                torch.bfloat16: onnx.TensorProto.BFLOAT16}
-
-WeightSource = Mapping[str, torch.Tensor] | Callable[[str], torch.Tensor]
-
 
 def _config(config: VAEConfig | str) -> VAEConfig:
     return get_vae_config(config) if isinstance(config, str) else config
@@ -85,12 +79,13 @@ def _parse(network: str) -> tuple[str, bool]:
     return kind, step == "first"
 
 
-def vae_spec(config: VAEConfig | str, network: str, height: int, width: int, precision: str,
-             batch: int = 1) -> ExportSpec:
+def spec(config: VAEConfig | str, network: str, height: int, width: int, precision: str,
+         batch: int = 1) -> GraphSpec:
     """One streaming graph for video of `height` x `width` pixels (multiples of 8)."""
     cfg = _config(config)
     kind, first = _parse(network)
-    check_precision(precision)
+    if precision not in FLOAT_PRECISIONS:
+        raise ValueError(f"the VAE exports in {', '.join(FLOAT_PRECISIONS)}, not {precision!r}")
     h, w = check_video_size(height, width)
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
@@ -99,19 +94,19 @@ def vae_spec(config: VAEConfig | str, network: str, height: int, width: int, pre
     latent = IOSpec("z", (batch, cfg.z_dim, 1, h, w), "float32")
     video = IOSpec("video", (batch, 3, 1 if first else STRIDE[0], height, width), "float32")
     x, y = (latent, video) if kind == "decode" else (video, latent)
-    dt = CACHE_DTYPE[precision]
+    dt = NUMPY_DTYPE[precision]  # the cache stays in the graph's precision (see the module docstring)
     cache_in = () if first else tuple(IOSpec(f"cache_in.{i}", shape, dt) for i, (_, shape) in enumerate(cache))
     cache_out = tuple(IOSpec(f"cache_out.{i}", shape, dt) for i, (_, shape) in enumerate(cache))
-    return ExportSpec(
-        network, (x, *cache_in), (y, *cache_out), precision, VAE_TOLERANCE[precision],
+    return GraphSpec(
+        network, (x, *cache_in), (y, *cache_out), precision, TOLERANCE[precision],
         extra=dict(model=cfg.name, cache_layers=[name for name, _ in cache], cache_dtype=dt,
                    latent_size=[h, w], video_size=[height, width]),
     )
 
 
-def vae_specs(config: VAEConfig | str, profile: ShapeProfile, precision: str,
-              networks: Iterable[str] = VAE_NETWORKS) -> dict[str, ExportSpec]:
-    return {n: vae_spec(config, n, profile.height, profile.width, precision, profile.batch) for n in networks}
+def specs(config: VAEConfig | str, profile: ShapeProfile, precision: str,
+          networks: Iterable[str] = VAE_NETWORKS) -> dict[str, GraphSpec]:
+    return {n: spec(config, n, profile.height, profile.width, precision, profile.batch) for n in networks}
 
 
 class _Stream(nn.Module):
@@ -153,47 +148,25 @@ def _inline_latent_stats(traced: TracedGraph, weight_names: set[str]) -> None:
     traced.weights[:] = [s for s in traced.weights if s.name in weight_names]
 
 
-def export_vae_graph(config: VAEConfig | str, spec: ExportSpec, path: str | os.PathLike, weights: WeightSource,
-                     progress=None) -> Path:
-    """Write one streaming graph to `path` (+ `.data`)."""
+def definitions(config: VAEConfig | str, profile: ShapeProfile, precision: str, weights: WeightSource,
+                networks: Iterable[str] = DECODE_NETWORKS) -> list[NetworkExport]:
+    """One NetworkExport per streaming graph (each graph carries its own copy of the weights it uses)."""
     cfg = _config(config)
-    model = build_vae(cfg, "meta").to(DTYPE_OF[spec.precision])
-    args = tuple(torch.empty(i.shape, dtype=DTYPE_OF[spec.precision] if i.name.startswith("cache") else torch.float32,
-                             device="meta") for i in spec.inputs)
-    traced = trace(_Stream(model, spec.network), args, spec.input_names, spec.output_names)
-    _strip_prefix(traced, "model.")
-    _inline_latent_stats(traced, set(expected_shapes(model)))
-    name_nodes_by_module(traced.model, strip="model.")
-    return write_model(traced, path, weights, progress)
+    out = []
+    for network, graph in specs(cfg, profile, precision, networks).items():
+        out.append(NetworkExport(
+            graph, "vae",
+            build=lambda network=network: _Stream(build_vae(cfg, "meta").to(torch_dtype(precision)), network),
+            weights=weights,
+            reference=lambda graph=graph: reference(cfg, graph, weights),
+            feeds=lambda seed, graph=graph: random_feeds(graph, seed),
+            finish=lambda traced: _inline_latent_stats(traced, set(expected_shapes(build_vae(cfg, "meta")))),
+            summary=f"{cfg.name}, {precision}",
+        ))
+    return out
 
 
-def export_vae(
-    config: VAEConfig | str,
-    profile: ShapeProfile,
-    precision: str,
-    out_dir: str | os.PathLike,
-    weights: WeightSource,
-    networks: Iterable[str] = VAE_NETWORKS,
-    progress=None,
-) -> dict[str, Path]:
-    """Write `<network>.onnx` (+ `.data`) to `out_dir` for each network: all of them, or none
-    (graphs already written by this call are removed when a later one fails)."""
-    specs = vae_specs(config, profile, precision, networks)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written: dict[str, Path] = {}
-    try:
-        for network, spec in specs.items():
-            written[network] = export_vae_graph(config, spec, out_dir / f"{network}.onnx", weights, progress)
-    except BaseException:
-        for path in written.values():
-            path.unlink(missing_ok=True)
-            path.with_name(path.name + ".data").unlink(missing_ok=True)
-        raise
-    return written
-
-
-def vae_checkpoint_weights(path: str | os.PathLike, config: VAEConfig | str) -> Callable[[str], torch.Tensor]:
+def checkpoint_weights(path: str | os.PathLike, config: VAEConfig | str) -> Callable[[str], torch.Tensor]:
     """Name -> tensor from an mmap'd `Wan2.1_VAE.pth`, after checking every key and shape up front
     (CheckpointError names the missing, unexpected and mis-shaped ones)."""
     cfg = _config(config)
@@ -204,25 +177,18 @@ def vae_checkpoint_weights(path: str | os.PathLike, config: VAEConfig | str) -> 
     return sd.__getitem__
 
 
-def _to_torch(a) -> torch.Tensor:
-    a = np.asarray(a)
-    if a.dtype.name == "bfloat16":  # numpy has no bf16 of its own (ml_dtypes does): reinterpret the bits
-        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(a)
-
-
-def vae_reference(config: VAEConfig | str, spec: ExportSpec, weights: WeightSource) -> Callable[[dict], dict]:
+def reference(config: VAEConfig | str, spec: GraphSpec, weights: WeightSource) -> Callable[[dict], dict]:
     """PyTorch run of what one graph computes, for `validate_onnx`: feeds -> outputs by name."""
     cfg = _config(config)
-    dtype = DTYPE_OF[spec.precision]
+    dtype = torch_dtype(spec.precision)
     model = build_vae(cfg, "meta")
-    get = weights.__getitem__ if isinstance(weights, Mapping) else weights
+    get = getter(weights)
     model.load_state_dict({k: get(k).to(dtype) for k in model.state_dict()}, assign=True)
     step = _Stream(model.eval().requires_grad_(False), spec.network)
 
     @torch.no_grad()
     def run(feeds):
-        args = [_to_torch(feeds[n]) for n in spec.input_names]
+        args = [to_torch_input(feeds[n]) for n in spec.input_names]
         outs = step(args[0], *(a.to(dtype) for a in args[1:]))
         return {name: t.float().numpy() for name, t in zip(spec.output_names, outs)}
 

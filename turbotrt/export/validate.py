@@ -12,10 +12,11 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from turbotrt.export.configs import ExportSpec, Tolerance
+from turbotrt.core.errors import TurbotrtError
+from turbotrt.core.manifest import GraphSpec, Tolerance
 
 
-class ValidationError(RuntimeError):
+class ValidationError(TurbotrtError):
     pass
 
 
@@ -107,14 +108,9 @@ def run_onnxruntime(path: str | os.PathLike, feeds: Mapping[str, np.ndarray], pr
     return {o.name: v for o, v in zip(sess.get_outputs(), outs)}
 
 
-def random_feeds(spec: ExportSpec, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {i.name: i.random(rng) for i in spec.inputs}
-
-
 def validate_onnx(
     path: str | os.PathLike,
-    spec: ExportSpec,
+    spec: GraphSpec,
     reference: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
     feeds: Mapping[str, np.ndarray] | None = None,
     providers=("CPUExecutionProvider",),
@@ -125,7 +121,11 @@ def validate_onnx(
         report.skipped = ("ONNX Runtime's CPU provider has no bf16 kernels for these ops; validate bf16 graphs "
                           "with the CUDA provider or TensorRT, or export fp32/fp16 to check the math on a CPU")
         return report
-    feeds = dict(feeds) if feeds is not None else random_feeds(spec)
+    if feeds is None:
+        from turbotrt.export.networks import random_feeds
+
+        feeds = random_feeds(spec)
+    feeds = dict(feeds)
     try:
         outputs = run_onnxruntime(path, feeds, providers)
     except ValidationError as e:

@@ -24,61 +24,16 @@ math that bf16 approximates. The SageSLA emulation mirrors its kernel's low-bit 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-ATTENTION_MODES = ("dense", "sla", "sagesla")
-V_DTYPES = ("fp8", "fp16")  # fp8: e4m3 on sm89/sm90/sm120; fp16: sm80
-SAGESLA_HEAD_DIMS = (64, 128)  # the only head dims SpargeAttn's kernels are built for
+from turbotrt.core import sagesla as C
+from turbotrt.core.configs import AttentionConfig
 
-LOG2E = 1.44269504088896340736  # exp(x) = exp2(x * log2(e)); the kernels fold it into the scale
 LINEAR_EPS = 1e-5  # denominator guard of the linear branch
-INT8_MAX = 127.0
-INT8_SCALE_EPS = 1e-7  # added to amax/127 upstream so an all-zero block has a nonzero scale
-# V is scaled to |v| <= 2.25; then a 64-key block's P.V partial is at most 448 * 2.25 * 64 = 64512,
-# under the fp16 max (65504) of the build that accumulates P.V in fp16.
-V_FP8_RANGE = 2.25
-FP8_E4M3_MAX = 448.0
-# P is computed as exp2(s - m + 8.807) = 2^8.807 * exp2(s - m): the row max lands near 448 (2^8.807 is
-# 447.9, upstream's literal, so the cast never saturates) and small P keep 3 mantissa bits instead
-# of falling into e4m3 subnormals.
-S_FP8_OFFSET = 8.807
-
-
-@dataclass(frozen=True)
-class AttentionConfig:
-    mode: str = "sla"
-    block_q: int = 128  # BLKQ: query tokens per block; explicit, never inferred from a GPU
-    block_k: int = 64  # BLKK: key tokens per block
-    topk: float = 0.1  # fraction of key blocks each query block keeps, 0 < topk <= 1
-    v_dtype: str = "fp8"  # sagesla only: "fp8" (e4m3, sm89/90/120) or "fp16" (sm80)
-
-    def __post_init__(self):
-        if self.mode not in ATTENTION_MODES:
-            raise ValueError(f"unknown attention mode {self.mode!r}; valid modes: {', '.join(ATTENTION_MODES)}")
-        for name in ("block_q", "block_k"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        topk = self.topk
-        if isinstance(topk, bool) or not isinstance(topk, (int, float)) or not 0.0 < topk <= 1.0:
-            raise ValueError(f"topk is the fraction of key blocks kept and must satisfy 0 < topk <= 1, got {topk!r}")
-        object.__setattr__(self, "topk", float(topk))
-        if self.v_dtype not in V_DTYPES:
-            raise ValueError(f"unknown v_dtype {self.v_dtype!r}; valid: {', '.join(V_DTYPES)}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def for_model(cls, config, mode: str = "sla", **overrides) -> "AttentionConfig":
-        """The model preset's default geometry and topk, with explicit overrides (None = default)."""
-        fields = dict(mode=mode, block_q=config.sla_block_q, block_k=config.sla_block_k, topk=config.sla_topk)
-        fields.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**fields)
+# The op's own constants (block quantization, FP8 ranges, the top-k count rule) live in its contract,
+# `turbotrt.core.sagesla` (imported as C), which the Triton kernels read too.
 
 
 # --- helpers --------------------------------------------------------------------------------------
@@ -133,17 +88,6 @@ def _check_block_idx(block_idx: torch.Tensor, q: torch.Tensor, block_q: int, blo
 
 # --- block selection ------------------------------------------------------------------------------
 
-def topk_count(num_k_blocks: int, topk: float) -> int:
-    """Key blocks kept per query block: upstream's `min(Nk, int(topk * Nk))`, guarded to >= 1.
-
-    Upstream can get 0 on short sequences and then divides 0 by 0 (NaN rows); one block is the
-    smallest selection that still defines a softmax.
-    """
-    if num_k_blocks < 1:
-        raise ValueError(f"num_k_blocks must be >= 1, got {num_k_blocks}")
-    return max(1, min(num_k_blocks, int(topk * num_k_blocks)))
-
-
 def _mean_pool(x: torch.Tensor, block: int) -> torch.Tensor:
     """Mean over each block of tokens; a partial last block divides by its real token count."""
     L = x.shape[-2]
@@ -155,8 +99,8 @@ def _mean_pool(x: torch.Tensor, block: int) -> torch.Tensor:
 def block_map(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int, topk: float) -> torch.Tensor:
     """Kept key blocks per query block: LongTensor `[B, H, Nq, n]`, each row sorted ascending.
 
-    score = mean_pool(q) @ mean_pool(k - mean_L(k))^T, no scale, no softmax; the n = topk_count
-    best per row are kept. Smoothing K adds a per-row constant to the scores, so it cannot change
+    score = mean_pool(q) @ mean_pool(k - mean_L(k))^T, no scale, no softmax; the n = `C.kept_blocks`
+    best per row are kept (n = `sagesla.kept_blocks`). Smoothing K adds a per-row constant to the scores, so it cannot change
     the ranking in exact arithmetic; upstream does it to keep a large shared offset from swamping
     bf16 scores. Computed in fp32 here (upstream: bf16 activations, fp32 sums), so near-ties may
     break differently: kernels are compared given the same `block_idx`.
@@ -168,7 +112,7 @@ def block_map(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int, topk
     pooled_q = _mean_pool(q32, block_q)
     pooled_k = _mean_pool(k32 - k32.mean(dim=-2, keepdim=True), block_k)
     score = pooled_q @ pooled_k.transpose(-1, -2)  # [B, H, Nq, Nk]
-    n = topk_count(score.shape[-1], topk)
+    n = C.kept_blocks(score.shape[-1], topk)
     return score.topk(n, dim=-1, sorted=False).indices.sort(dim=-1).values
 
 
@@ -256,7 +200,7 @@ def quantize_per_block_int8(x: torch.Tensor, block: int, smooth: bool = False) -
         mean = x32.mean(dim=-2, keepdim=True).to(x.dtype).float()
         x32 = (x32 - mean).to(x.dtype).float()
     xb = _blocks(x32, block)  # padding is zero, so it never raises amax
-    scale = xb.abs().amax(dim=(-2, -1)) / INT8_MAX + INT8_SCALE_EPS  # [B, H, N]
+    scale = xb.abs().amax(dim=(-2, -1)) / C.INT8_MAX + C.INT8_SCALE_EPS  # [B, H, N]
     t = xb / scale[..., None, None]
     t = t + 0.5 * torch.where(t >= 0, 1.0, -1.0)
     x_int8 = t.trunc().to(torch.int8).flatten(2, 3)[:, :, :L]
@@ -265,7 +209,7 @@ def quantize_per_block_int8(x: torch.Tensor, block: int, smooth: bool = False) -
 
 def _to_e4m3(x: torch.Tensor) -> torch.Tensor:
     # cvt.rn.satfinite: round to nearest even, saturate to +-448.
-    return x.clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    return x.clamp(-C.FP8_E4M3_MAX, C.FP8_E4M3_MAX).to(torch.float8_e4m3fn)
 
 
 def quantize_v_per_channel(v: torch.Tensor, v_dtype: str = "fp8") -> tuple[torch.Tensor, torch.Tensor]:
@@ -276,14 +220,14 @@ def quantize_v_per_channel(v: torch.Tensor, v_dtype: str = "fp8") -> tuple[torch
     as upstream does. A channel with amax 0 quantizes to zeros (upstream divides by zero: NaN).
     fp16 (sm80 path): v_q = fp16(v) and no scale (ones returned so callers need no special case).
     """
-    if v_dtype not in V_DTYPES:
-        raise ValueError(f"unknown v_dtype {v_dtype!r}; valid: {', '.join(V_DTYPES)}")
+    if v_dtype not in C.V_DTYPES:
+        raise ValueError(f"unknown v_dtype {v_dtype!r}; valid: {', '.join(C.V_DTYPES)}")
     v32 = v.float()
     if v_dtype == "fp16":
         return v32.to(torch.float16), torch.ones(v.shape[:2] + v.shape[-1:], dtype=torch.float32, device=v.device)
     amax = v32.abs().amax(dim=-2)  # [B, H, D]
-    scale = amax / V_FP8_RANGE
-    recip = torch.where(amax > 0, V_FP8_RANGE / amax, torch.zeros_like(amax))
+    scale = amax / C.V_FP8_RANGE
+    recip = torch.where(amax > 0, C.V_FP8_RANGE / amax, torch.zeros_like(amax))
     return _to_e4m3(v32 * recip[..., None, :]), scale
 
 
@@ -312,8 +256,8 @@ def _sagesla_sparse(q, k, v, block_idx, block_q: int, block_k: int, v_dtype: str
     nq = qb.shape[2]
 
     # Upstream: sm_scale = fp32(D^-0.5) * log2e in fp32, then times fp32(q_scale * k_scale) per block.
-    sm_scale = torch.tensor(D**-0.5, dtype=torch.float32) * torch.tensor(LOG2E, dtype=torch.float32)
-    offset = torch.tensor(S_FP8_OFFSET if fp8 else 0.0, dtype=torch.float32)  # sm80 path: P <= 1, no offset
+    sm_scale = torch.tensor(D**-0.5, dtype=torch.float32) * torch.tensor(C.LOG2E, dtype=torch.float32)
+    offset = torch.tensor(C.S_FP8_OFFSET if fp8 else 0.0, dtype=torch.float32)  # sm80 path: P <= 1, no offset
 
     # Upstream starts from m = -5e6 and l = 1; the first block's alpha = 0 erases either start.
     m = torch.full((B, H, nq, block_q), float("-inf"), device=q.device)  # running max of s, log2 units
@@ -371,10 +315,10 @@ def sagesla_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     """
     _check_qkv(q, k, v)
     _check_block_idx(block_idx, q, block_q, block_k)
-    if q.shape[-1] not in SAGESLA_HEAD_DIMS:
-        raise ValueError(f"sagesla supports head_dim {SAGESLA_HEAD_DIMS}, got {q.shape[-1]}")
-    if v_dtype not in V_DTYPES:
-        raise ValueError(f"unknown v_dtype {v_dtype!r}; valid: {', '.join(V_DTYPES)}")
+    if q.shape[-1] not in C.HEAD_DIMS:
+        raise ValueError(f"sagesla supports head_dim {C.HEAD_DIMS}, got {q.shape[-1]}")
+    if v_dtype not in C.V_DTYPES:
+        raise ValueError(f"unknown v_dtype {v_dtype!r}; valid: {', '.join(C.V_DTYPES)}")
     return _sagesla_sparse(q, k, v, block_idx, block_q, block_k, v_dtype).to(q.dtype)
 
 
@@ -389,16 +333,12 @@ def sla_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_l: nn.
     _check_qkv(q, k, v)
     if config.mode == "dense":
         return _dense(q, k, v).to(q.dtype)
-    if torch.onnx.is_in_onnx_export():  # the sparse core becomes the SageSLA custom node
-        from turbotrt.export.sagesla_onnx import sla_attention_export
-
-        return sla_attention_export(q, k, v, proj_l, config)
     idx = block_map(q, k, config.block_q, config.block_k, config.topk)
     if config.mode == "sla":
         o_s = _sparse(q, k, v, idx, config.block_q, config.block_k)
     else:
-        if q.shape[-1] not in SAGESLA_HEAD_DIMS:
-            raise ValueError(f"sagesla supports head_dim {SAGESLA_HEAD_DIMS}, got {q.shape[-1]}")
+        if q.shape[-1] not in C.HEAD_DIMS:
+            raise ValueError(f"sagesla supports head_dim {C.HEAD_DIMS}, got {q.shape[-1]}")
         o_s = _sagesla_sparse(q, k, v, idx, config.block_q, config.block_k, config.v_dtype)
     bias = None if proj_l.bias is None else proj_l.bias.float()
     o_l = F.linear(_linear(q, k, v), proj_l.weight.float(), bias)

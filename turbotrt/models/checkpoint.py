@@ -13,16 +13,20 @@ from typing import Iterable, Mapping
 
 import torch
 
+from turbotrt.core.errors import TurbotrtError
+
 SUFFIXES = (".pth", ".pt", ".safetensors")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(TurbotrtError, ValueError):
     """A checkpoint that cannot be read or does not fit the model it is loaded into."""
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a `.pth`/`.pt` (weights only, mmap) or `.safetensors` file into a flat state dict."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file (.pth or .safetensors)")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     suffix = path.suffix.lower()
@@ -204,7 +208,7 @@ def wan_signature(sd: Mapping[str, torch.Tensor]) -> dict[str, int]:
 
 
 def detect_wan_preset(sd: Mapping[str, torch.Tensor]) -> str | None:
-    from turbotrt.models.configs import PRESETS
+    from turbotrt.core.configs import PRESETS
 
     sig = wan_signature(sd)
     for name, c in PRESETS.items():
@@ -229,13 +233,13 @@ def load_wan(path, preset: str | None = None, attention=None):
     The model is built on `meta` and takes the checkpoint's (mmap'd) tensors as they are, so the
     dtype is kept and a 28 GB checkpoint is not read into RAM until used.
     """
-    from turbotrt.models.configs import get_config
+    from turbotrt.core.configs import get_config
 
     sd = normalize_wan_state_dict(read_state_dict(path))
     detected = detect_wan_preset(sd)
     name = preset or detected
     if name is None:
-        from turbotrt.models.configs import list_configs
+        from turbotrt.core.configs import list_configs
 
         raise CheckpointError(
             f"{path}: no preset has these shapes {wan_signature(sd)}; presets: {', '.join(list_configs())}"
@@ -268,7 +272,7 @@ def inspect_checkpoint(path) -> dict:
         shapes=wan_signature(sd),
     )
     if preset is not None:
-        from turbotrt.models.configs import get_config
+        from turbotrt.core.configs import get_config
 
         expected = expected_shapes(build_wan(get_config(preset), quantized=is_quantized(sd), device="meta"))
         info["problems"] = state_dict_problems(expected, sd)

@@ -15,14 +15,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from turbotrt.models.attention import AttentionConfig
-from turbotrt.models.configs import ShapeProfile, WanConfig, default_profile, get_config, shape_profile
+from turbotrt.core.configs import AttentionConfig, ShapeProfile, WanConfig, default_profile, get_config, shape_profile
+from turbotrt.core.tokenizer import Tokenizer, make_tiny_tokenizer
+from turbotrt.core.video import FPS, latents_video_to_uint8, write_mp4
 from turbotrt.models.sampler import generate_latents
 from turbotrt.models.t5 import T5Encoder, build_t5, random_t5_state_dict
-from turbotrt.models.tokenizer import Tokenizer, make_tiny_tokenizer
 from turbotrt.models.vae import WanVAE, build_vae, random_vae_state_dict
 from turbotrt.models.wan import WanModel, init_random_
-from turbotrt.runtime.video import FPS, latents_video_to_uint8, write_mp4
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """rCM sampling with the PyTorch reference DiT: the loop every runtime output is compared with.
 
-The schedule and update rules live in `turbotrt.runtime.rcm` (numpy) so the torch-free runtime
-uses the very same numbers; this module adds the noise draws and the network calls.
+The schedule and update rules live in `turbotrt.core.rcm` (numpy) and the bundles' noise in
+`turbotrt.core.noise`, so the torch-free runtime uses the very same numbers; this module adds the
+network calls (and TurboDiffusion's own torch-generator noise).
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 
-from turbotrt.runtime.rcm import NoiseStream, expert_for_step, net_timesteps, ode_step, rcm_times, sde_step, validate_steps
+from turbotrt.core.noise import NoiseStream
+from turbotrt.core.rcm import expert_for_step, net_timesteps, ode_step, rcm_times, sde_step, validate_steps
 
 __all__ = ["rcm_timesteps", "net_timesteps", "rcm_times", "generate_latents", "make_generator"]
 
@@ -61,8 +63,8 @@ def generate_latents(
     Noise comes from one torch generator seeded with `seed` on `noise_device` (TurboDiffusion draws
     on the GPU; a CUDA generator's numbers differ from a CPU one's, so say which you compare with).
     callback(step, x, v) sees every step's input and velocity (calibration uses the trajectory).
-    noise="numpy" draws from `turbotrt.runtime.rcm.NoiseStream(seed)` instead: what the torch-free
-    runtime uses, so a bundle's output can be compared with this reference exactly.
+    noise="philox" draws from `turbotrt.core.noise.NoiseStream(seed)` instead: what bundles sample
+    with (Python and C++ runtimes), so a bundle's output can be compared with this reference exactly.
     """
     first = next(iter(model_or_experts.values())) if isinstance(model_or_experts, Mapping) else model_or_experts
     config = first.config
@@ -79,13 +81,13 @@ def generate_latents(
 
         def draw():
             return torch.randn(shape, generator=g, dtype=torch.float32, device=noise_device).to(device)
-    elif noise == "numpy":
+    elif noise == "philox":
         stream = NoiseStream(seed)
 
         def draw():
             return torch.from_numpy(stream(shape)).to(device)
     else:
-        raise ValueError(f"noise must be 'torch' or 'numpy', got {noise!r}")
+        raise ValueError(f"noise must be 'torch' (TurboDiffusion's generator) or 'philox' (bundles'), got {noise!r}")
     x = draw().to(torch.float64) * float(times[0])
     for i in range(steps):
         t_cur, t_next = float(times[i]), float(times[i + 1])

@@ -76,10 +76,6 @@ T5_PRESETS: dict[str, T5Config] = {
 }
 
 
-def list_t5_configs() -> list[str]:
-    return list(T5_PRESETS)
-
-
 def get_t5_config(name: str) -> T5Config:
     try:
         return T5_PRESETS[name]

@@ -66,6 +66,7 @@ from turbotrt.models.checkpoint import (
     load_into,
     read_state_dict,
 )
+from turbotrt.models.dtypes import torch_dtype
 
 STRIDE = (4, 8, 8)  # time, height, width
 
@@ -561,7 +562,6 @@ def build_vae(config: VAEConfig | str, device: torch.device | str = "meta") -> W
     return model.eval().requires_grad_(False)
 
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def random_vae_state_dict(
@@ -571,7 +571,7 @@ def random_vae_state_dict(
 
     Values depend only on key names and shapes (keys are filled in sorted order from a CPU generator).
     """
-    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    dtype = torch_dtype(dtype)
     g = torch.Generator().manual_seed(seed)
     out = {}
     for name, shape in sorted(expected_shapes(build_vae(config, "meta")).items()):

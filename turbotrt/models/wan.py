@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from turbotrt.models.attention import AttentionConfig, AttentionOp
-from turbotrt.models.configs import WanConfig
+from turbotrt.core.configs import AttentionConfig, WanConfig
+from turbotrt.models.attention import AttentionOp
+from turbotrt.models.dtypes import torch_dtype
 
 ROPE_THETA = 10000.0
 ROPE_MAX_GRID = (128, 128, 128)  # TurboDiffusion's tables: 128 positions per axis (t, h, w)
@@ -240,7 +241,7 @@ class WanModel(nn.Module):
         """forward with the timestep already embedded as its float64-computed sinusoid (fp32 [B, freq_dim]).
 
         Exported graphs start here: the sinusoid needs float64, which TensorRT lacks, and it is 256
-        numbers per step that the runtime computes exactly (turbotrt.runtime.rcm.timestep_sinusoid).
+        numbers per step that the runtime computes exactly (turbotrt.core.rcm.timestep_sinusoid).
         """
         cfg = self.config
         if cfg.is_i2v:
@@ -294,9 +295,6 @@ def count_parameters(model: nn.Module) -> int:
     return sum(t.numel() for t in model.state_dict().values())
 
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
 def random_wan_state_dict(config: WanConfig, seed: int = 0, dtype: str = "bf16", quantized: bool = False) -> dict:
     """A checkpoint-shaped state dict with seeded random weights (TurboDiffusion's key names).
 
@@ -308,7 +306,7 @@ def random_wan_state_dict(config: WanConfig, seed: int = 0, dtype: str = "bf16",
 def random_checkpoint_tensor(name: str, shape, seed: int = 0, dtype: str = "bf16") -> torch.Tensor:
     """One tensor of a random checkpoint: `random_tensor` in the stored dtype (proj_l stays fp32)."""
     t = random_tensor(name, shape, seed)
-    return t if "proj_l" in name else t.to(DTYPES[dtype])
+    return t if "proj_l" in name else t.to(torch_dtype(dtype))
 
 
 def random_wan_entries(config: WanConfig, seed: int = 0, dtype: str = "bf16", quantized: bool = False) -> list:
@@ -335,6 +333,6 @@ def random_wan_entries(config: WanConfig, seed: int = 0, dtype: str = "bf16", qu
             entries.append((f"{prefix}.int8_weight", torch.int8, shape, lambda n=name, s=shape: quantized_part(n, s, 0)))
             entries.append((f"{prefix}.scale", torch.float32, tiles, lambda n=name, s=shape: quantized_part(n, s, 1)))
         else:
-            dt = torch.float32 if "proj_l" in name else DTYPES[dtype]
+            dt = torch.float32 if "proj_l" in name else torch_dtype(dtype)
             entries.append((name, dt, shape, lambda n=name, s=shape: random_checkpoint_tensor(n, s, seed, dtype)))
     return entries

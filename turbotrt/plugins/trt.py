@@ -17,7 +17,7 @@ TensorRT is imported only by `register_plugins()`; importing this module needs n
 
 from typing import List, Tuple, Union
 
-from turbotrt.plugins.sagesla import contract as C
+from turbotrt.core import sagesla as C
 
 MIN_TENSORRT = (10, 9)  # tensorrt.plugin.aot_impl
 # tactic -> (num_warps or None for the kernel's default, num_stages)
@@ -118,9 +118,9 @@ def _define_sagesla(trt, trtp) -> None:
 
     @trtp.register(name)
     def sagesla_desc(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, block_idx: trtp.TensorDesc,
-                     k_mean: trtp.TensorDesc, v_amax: trtp.TensorDesc, block_q: int, block_k: int, topk: int,
-                     sm_scale: float, quant: str) -> trtp.TensorDesc:
-        C.SageSLAAttrs(block_q=block_q, block_k=block_k, topk=topk, sm_scale=sm_scale, quant=quant)
+                     k_mean: trtp.TensorDesc, v_amax: trtp.TensorDesc, block_q: int, block_k: int,
+                     kept_blocks: int, sm_scale: float, quant: str) -> trtp.TensorDesc:
+        C.SageSLAAttrs(block_q=block_q, block_k=block_k, kept_blocks=kept_blocks, sm_scale=sm_scale, quant=quant)
         return q.like()
 
     @trtp.autotune(name)

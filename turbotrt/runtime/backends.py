@@ -11,9 +11,14 @@ from typing import Mapping, Protocol
 
 import numpy as np
 
-from turbotrt.bundle import Bundle, BundleError
+from turbotrt.core.bundle import Bundle
+from turbotrt.core.errors import TurbotrtError
 
 BACKENDS = ("auto", "ort", "trt")
+
+
+class BackendError(TurbotrtError):
+    """A backend that cannot run here (package, GPU, provider or precision missing)."""
 
 
 class Session(Protocol):
@@ -51,7 +56,12 @@ class OrtBackend:
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
         unknown = [p for p in providers if p not in available]
         if unknown:
-            raise RuntimeError(f"ONNX Runtime here has providers {available}, not {unknown}")
+            raise BackendError(f"ONNX Runtime here has providers {available}, not {unknown}")
+        if bundle.manifest.float_precision == "bf16" and "CUDAExecutionProvider" not in providers:
+            raise BackendError(
+                f"{bundle.root} is a bf16 bundle and ONNX Runtime's CPU provider has no bf16 kernels: run it on an "
+                "NVIDIA GPU (onnxruntime-gpu, or TensorRT engines from `turbotrt build`), or export with --precision "
+                "fp32 or fp16 to run on a CPU")
         self.bundle, self.providers = bundle, providers
         self._sessions: dict[str, OrtSession] = {}
 
@@ -68,7 +78,9 @@ class TrtBackend:
     """TensorRT engines through Polygraphy's runner (device buffers, execute_async_v3).
 
     Needs `tensorrt`, `polygraphy` and a GPU; engines must match this GPU and TensorRT version
-    (the bundle refuses others with the command that rebuilds them).
+    (the bundle refuses others with the command that rebuilds them). The SageSLA plugin's kernel is
+    compiled ahead of time into the engine, so nothing needs registering here (TensorRT's Python
+    plugin documentation: AOT plugins make engines independent of Python and the plugin source).
     """
 
     name = "trt"
@@ -77,24 +89,21 @@ class TrtBackend:
         try:
             import tensorrt as trt
         except ImportError as e:
-            raise RuntimeError(f"the TensorRT backend needs the `tensorrt` package ({e}); use --backend ort") from None
-        from turbotrt.runtime.gpu import compute_capability
+            raise BackendError(f"the TensorRT backend needs the `tensorrt` package ({e}); use --backend ort") from None
+        from turbotrt.core.gpu import compute_capability
 
         cc = compute_capability()
         if cc is None:
-            raise RuntimeError("the TensorRT backend needs an NVIDIA GPU; none was found (use --backend ort)")
+            raise BackendError("the TensorRT backend needs an NVIDIA GPU; none was found (use --backend ort)")
         self.bundle, self.cc, self.trt_version = bundle, cc, trt.__version__
         self._sessions = {}
-        from turbotrt.plugins.trt import register_plugins
-
-        register_plugins()  # engines with SageSLA need its plugin creator in this process
 
     def session(self, network: str):
         if network not in self._sessions:
             from polygraphy.backend.common import BytesFromPath
             from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
-            plan = self.bundle.engine(network, self.cc, self.trt_version)
+            plan = self.bundle.engine(network, "tensorrt", self.cc, self.trt_version)
             runner = TrtRunner(EngineFromBytes(BytesFromPath(str(plan))))
             runner.activate()
             self._sessions[network] = _TrtSession(runner)
@@ -124,10 +133,10 @@ def make_backend(bundle: Bundle, name: str = "auto", log=print):
     try:
         backend = TrtBackend(bundle)
         for network in bundle.networks:
-            bundle.engine(network, backend.cc, backend.trt_version)
+            bundle.engine(network, "tensorrt", backend.cc, backend.trt_version)
         log(f"backend: {backend.describe()}")
         return backend
-    except (RuntimeError, BundleError) as e:
+    except TurbotrtError as e:
         backend = OrtBackend(bundle)
         log(f"backend: {backend.describe()} (TensorRT not used: {e})")
         return backend

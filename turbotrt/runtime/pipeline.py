@@ -1,8 +1,9 @@
 """The lean runtime: prompt -> tokens -> umT5 -> rCM steps with the DiT -> VAE step by step -> mp4.
 
-Imports numpy, the tokenizer, the video writer and a backend; never torch. The numbers follow the
-PyTorch reference pipeline (`turbotrt.models.pipeline`): the same schedule, the same float64
-sampler state, the same noise stream (`NoiseStream`), so outputs can be compared for one seed.
+Imports numpy, the core (bundle, tokenizer, schedule, noise, video) and a backend; never torch. The
+numbers follow the PyTorch reference pipeline (`turbotrt.models.pipeline`): the same schedule, the
+same float64 sampler state, the same Philox noise (`turbotrt.core.noise`), so outputs can be
+compared for one seed (and with the C++ runtime, which implements the same steps).
 """
 
 from __future__ import annotations
@@ -14,10 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from turbotrt.bundle import Bundle
-from turbotrt.runtime.backends import make_backend
-from turbotrt.runtime.rcm import (
-    NoiseStream,
+from turbotrt.core.bundle import Bundle
+from turbotrt.core.noise import NoiseStream
+from turbotrt.core.rcm import (
     expert_for_step,
     net_timesteps,
     ode_step,
@@ -26,7 +26,8 @@ from turbotrt.runtime.rcm import (
     timestep_sinusoid,
     validate_steps,
 )
-from turbotrt.runtime.video import FPS, latents_video_to_uint8, write_mp4
+from turbotrt.core.video import FPS, latents_video_to_uint8, write_mp4
+from turbotrt.runtime.backends import make_backend
 
 
 @dataclass
@@ -57,9 +58,9 @@ class Pipeline:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from turbotrt.models.tokenizer import Tokenizer
+            from turbotrt.core.tokenizer import Tokenizer
 
-            self._tokenizer = Tokenizer(self.bundle.tokenizer, text_len=self.model["text_len"])
+            self._tokenizer = Tokenizer(self.bundle.tokenizer, text_len=self.model.text_len)
         return self._tokenizer
 
     def encode_prompt(self, prompt: str) -> np.ndarray:
@@ -68,29 +69,33 @@ class Pipeline:
         return out["context"]
 
     def _dit(self, t_cur: float) -> str:
-        expert = expert_for_step(t_cur, self.model["boundary"], tuple(self.model["experts"]))
+        expert = expert_for_step(t_cur, self.model.boundary, self.model.experts)
         return f"dit_{expert}" if expert else "dit"
 
     def sample(self, context: np.ndarray, seed: int, steps: int, y: np.ndarray | None = None, ode: bool = False,
-               timings: dict | None = None) -> np.ndarray:
-        """rCM in float64 as the reference does; the DiT sees fp32 x and the timestep's sinusoid."""
+               timings: dict | None = None, on_step=None) -> np.ndarray:
+        """rCM in float64 as the reference does; the DiT sees fp32 x and the timestep's sinusoid.
+
+        on_step(done, total) is called after each step (progress for servers and UIs)."""
         steps = validate_steps(steps)
-        times = rcm_times(steps, self.model["sigma_max"])
+        times = rcm_times(steps, self.model.sigma_max)
         net_t = net_timesteps(times)
-        shape = tuple(self.bundle.spec(self._dit(float(times[0])))["inputs"][0]["shape"])
+        shape = self.bundle.spec(self._dit(float(times[0]))).input("x").shape
         noise = NoiseStream(seed)
         x = noise(shape).astype(np.float64) * times[0]
         for i in range(steps):
             t0 = time.perf_counter()
             t_cur, t_next = float(times[i]), float(times[i + 1])
             feeds = {"x": x.astype(np.float32), "context": context,
-                     "t_freq": timestep_sinusoid([net_t[i]] * shape[0], self.model["freq_dim"])}
+                     "t_freq": timestep_sinusoid([net_t[i]] * shape[0], self.model.freq_dim)}
             if y is not None:
                 feeds["y"] = y
             v = self.backend.session(self._dit(t_cur)).run(feeds)["velocity"].astype(np.float64)
             x = ode_step(x, v, t_cur, t_next) if ode else sde_step(x, v, t_cur, t_next, noise(shape).astype(np.float64))
             if timings is not None:
                 timings[f"step_{i}"] = time.perf_counter() - t0
+            if on_step is not None:
+                on_step(i + 1, steps)
         return x.astype(np.float32)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
@@ -107,7 +112,7 @@ class Pipeline:
     def encode_image(self, image: np.ndarray) -> np.ndarray:
         """I2V conditioning y = cat(mask, VAE(image then zeros)); the image must be the profile's size."""
         p = self.bundle.profile
-        h, w, frames = p["height"], p["width"], p["frames"]
+        h, w, frames = p.height, p.width, p.frames
         image = np.asarray(image)
         if image.shape != (h, w, 3) or image.dtype != np.uint8:
             raise ValueError(f"the bundle was exported for {w}x{h}: pass a uint8 [{h}, {w}, 3] image "
@@ -129,11 +134,11 @@ class Pipeline:
     # --- all of it ------------------------------------------------------------------------------------
     def __call__(self, prompt: str, seed: int = 0, steps: int = 4, image: np.ndarray | None = None,
                  ode: bool = False) -> Result:
-        i2v = self.model["in_dim"] != self.model["out_dim"]
+        i2v = self.model.is_i2v
         if i2v and image is None:
-            raise ValueError(f"{self.model['name']} is image-to-video: pass an image")
+            raise ValueError(f"{self.model.name} is image-to-video: pass an image")
         if not i2v and image is not None:
-            raise ValueError(f"{self.model['name']} is text-to-video: it takes no image")
+            raise ValueError(f"{self.model.name} is text-to-video: it takes no image")
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         context = self.encode_prompt(prompt)

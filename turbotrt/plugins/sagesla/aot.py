@@ -27,7 +27,7 @@ import hashlib
 import re
 from dataclasses import asdict, dataclass
 
-from turbotrt.plugins.sagesla import contract as C
+from turbotrt.core import sagesla as C
 
 SUPPORTED_TARGETS = ("sm_80", "sm_86", "sm_89", "sm_90", "sm_100", "sm_120")
 FP8_TARGETS = ("sm_89", "sm_90", "sm_100", "sm_120")  # e4m3 conversions and MMA: Ada and newer
@@ -157,8 +157,8 @@ def compile_ptx(target: str, block_q: int, block_k: int, head_dim: int, quant: s
                          "use quant='int8_fp16' (or 'none') there")
     if (block_q, block_k) not in C.KERNEL_GEOMETRIES:
         raise ValueError(f"(block_q, block_k) must be one of {C.KERNEL_GEOMETRIES}, got {(block_q, block_k)}")
-    if head_dim not in C.QUANT_HEAD_DIMS:
-        raise ValueError(f"SageSLA kernels are built for head_dim {C.QUANT_HEAD_DIMS}, got {head_dim}")
+    if head_dim not in C.HEAD_DIMS:
+        raise ValueError(f"SageSLA kernels are built for head_dim {C.HEAD_DIMS}, got {head_dim}")
     if sm_scale is None:
         sm_scale = head_dim**-0.5
 

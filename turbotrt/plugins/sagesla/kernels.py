@@ -34,15 +34,14 @@ import torch
 import triton
 import triton.language as tl
 
-from turbotrt.models import attention as ref
-from turbotrt.plugins.sagesla import contract as C
+from turbotrt.core import sagesla as C
 
 # Kernel constants (module globals a @triton.jit function reads must be constexpr).
-_INT8_MAX = tl.constexpr(ref.INT8_MAX)
-_INT8_SCALE_EPS = tl.constexpr(ref.INT8_SCALE_EPS)
-_V_FP8_RANGE = tl.constexpr(ref.V_FP8_RANGE)
-_FP8_MAX = tl.constexpr(ref.FP8_E4M3_MAX)
-_S_FP8_OFFSET = tl.constexpr(ref.S_FP8_OFFSET)
+_INT8_MAX = tl.constexpr(C.INT8_MAX)
+_INT8_SCALE_EPS = tl.constexpr(C.INT8_SCALE_EPS)
+_V_FP8_RANGE = tl.constexpr(C.V_FP8_RANGE)
+_FP8_MAX = tl.constexpr(C.FP8_E4M3_MAX)
+_S_FP8_OFFSET = tl.constexpr(C.S_FP8_OFFSET)
 
 QUANT_CODES = {"none": 0, "int8_fp8": 1, "int8_fp16": 2}  # the kernels' QUANT constexpr
 _MAGIC_RNE = tl.constexpr(12582912.0)  # 1.5 * 2^23: (y + M) - M rounds |y| < 2^22 to an integer, ties to even
@@ -55,7 +54,7 @@ def interpreted() -> bool:
 
 def qk_scale_log2(sm_scale: float) -> float:
     """fp32(sm_scale) * fp32(log2 e), rounded once in fp32 as the reference does; an exact fp32 value."""
-    return float(np.float32(sm_scale) * np.float32(ref.LOG2E))
+    return float(np.float32(sm_scale) * np.float32(C.LOG2E))
 
 
 def dot_precision(dtype) -> str:
@@ -350,7 +349,7 @@ def _sagesla_fwd_prequant_kernel(
 # --- host wrappers ------------------------------------------------------------------------------------
 
 def quantize_per_block_int8(x: torch.Tensor, block: int, mean: torch.Tensor | None = None):
-    """`ref.quantize_per_block_int8` on the device: x `[B,H,L,D]` -> (int8 `[B,H,L,D]`, fp32 `[B,H,N]`).
+    """`turbotrt.models.attention.quantize_per_block_int8` on the device: x `[B,H,L,D]` -> (int8 `[B,H,L,D]`, fp32 `[B,H,N]`).
 
     `mean` (`[B,H,1,D]` fp32, the mean of x over L) turns on K smoothing; the reference computes the
     same mean itself (`smooth=True`).
@@ -368,9 +367,9 @@ def quantize_per_block_int8(x: torch.Tensor, block: int, mean: torch.Tensor | No
 
 
 def quantize_v_per_channel(v: torch.Tensor, v_amax: torch.Tensor, v_dtype: str = "fp8", block: int = 64):
-    """`ref.quantize_v_per_channel` on the device, given `v_amax` `[B,H,1,D]` (max |v| over L)."""
-    if v_dtype not in ref.V_DTYPES:
-        raise ValueError(f"unknown v_dtype {v_dtype!r}; valid: {', '.join(ref.V_DTYPES)}")
+    """`turbotrt.models.attention.quantize_v_per_channel` on the device, given `v_amax` `[B,H,1,D]` (max |v| over L)."""
+    if v_dtype not in C.V_DTYPES:
+        raise ValueError(f"unknown v_dtype {v_dtype!r}; valid: {', '.join(C.V_DTYPES)}")
     B, H, L, D = v.shape
     v = v.contiguous()
     fp8 = v_dtype == "fp8"

@@ -1,4 +1,4 @@
-"""`turbotrt build`: a bundle's ONNX graphs -> TensorRT engines, one per network and GPU target.
+"""Build plans: what TensorRT would be asked for, made without TensorRT or a GPU.
 
 Three layers, each usable on its own:
 
@@ -19,17 +19,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
-import click
-
-from turbotrt.bundle import MANIFEST, Bundle, BundleError, write_manifest
-from turbotrt.plugins.sagesla import contract as C
+from turbotrt.core import sagesla as C
+from turbotrt.core.bundle import Bundle
+from turbotrt.core.errors import TurbotrtError
+from turbotrt.core.files import write_atomic
+from turbotrt.core.gpu import compute_capability
 from turbotrt.plugins.sagesla.aot import SUPPORTED_TARGETS
-from turbotrt.runtime.gpu import compute_capability
 
 PLAN_VERSION = 1
 MIN_TENSORRT = (10, 9)  # tensorrt.plugin.aot_impl and PREFER_AOT_PYTHON_PLUGINS
@@ -42,7 +40,7 @@ _ONNX_DTYPES = {1: "float32", 10: "float16", 16: "bfloat16"}
 _STANDARD_DOMAINS = ("", "ai.onnx")
 
 
-class BuildError(RuntimeError):
+class BuildError(TurbotrtError):
     """The build cannot run here (no TensorRT or GPU, wrong GPU) or its plan has problems."""
 
 
@@ -146,7 +144,7 @@ class NetworkPlan:
     network: str
     onnx: str  # relative to the bundle
     external_data: str | None
-    engine: str  # relative to the bundle: engines/<target>/<network>.plan
+    engine: str  # relative to the bundle: engines/<flavour>/<target>/<network>.plan
     network_flags: tuple[str, ...]  # trt.NetworkDefinitionCreationFlag members
     parser_flags: tuple[str, ...]  # trt.OnnxParserFlag members (replaces the parser's defaults)
     profile_name: str
@@ -264,7 +262,7 @@ def plan_build(bundle: Bundle | str | os.PathLike, options: BuildOptions, gpu: s
         raise ValueError(f"{bundle.root} has no network {', '.join(unknown)}; it has {', '.join(bundle.networks)}")
     cache = timing_cache_path(options, builder, trt_version)
     config = options.builder_config(cache)
-    profile_name = bundle.profile.get("name", "static")
+    profile_name = bundle.profile.name
     networks = []
     for name in names:
         net, net_problems, net_warnings = _plan_network(bundle, name, target, builder, profile_name, config, options)
@@ -277,12 +275,12 @@ def plan_build(bundle: Bundle | str | os.PathLike, options: BuildOptions, gpu: s
 
 def _plan_network(bundle: Bundle, name: str, target: str, builder: str, profile_name: str, config: dict,
                   options: BuildOptions) -> tuple[NetworkPlan, list[str], list[str]]:
-    entry = bundle.manifest["graphs"][name]
     spec = bundle.spec(name)
     path = bundle.graph(name)
-    graph = read_graph(path)
+    data = bundle.data(name)
+    graph = read_graph(path, data.name if data else None)
     problems, warnings = [], []
-    shapes = {i["name"]: tuple(i["shape"]) for i in spec["inputs"]}
+    shapes = {i.name: i.shape for i in spec.inputs}
     if graph["inputs"] != shapes:
         problems.append(f"{name}: {path.name} has inputs {graph['inputs']} but the manifest says {shapes}; "
                         f"export the bundle again")
@@ -309,24 +307,27 @@ def _plan_network(bundle: Bundle, name: str, target: str, builder: str, profile_
         if any(not n["plugin_namespace"] for n in nodes):
             # Without plugin_namespace the parser inlines the node's ONNX function (the float reference).
             parser_flags.append("ENABLE_PLUGIN_OVERRIDE")
-    data = entry.get("data")
     net = NetworkPlan(
-        network=name, onnx=entry["file"], external_data=data if data and (bundle.root / data).is_file() else None,
-        engine=f"engines/{target}/{name}.plan", network_flags=tuple(network_flags), parser_flags=tuple(parser_flags),
-        profile_name=profile_name, shapes=shapes, inputs=tuple(spec["inputs"]), outputs=tuple(spec["outputs"]),
+        network=name, onnx=path.relative_to(bundle.root).as_posix(),
+        external_data=data.relative_to(bundle.root).as_posix() if data else None,
+        engine=f"engines/tensorrt/{target}/{name}.plan", network_flags=tuple(network_flags),
+        parser_flags=tuple(parser_flags), profile_name=profile_name, shapes=shapes,
+        inputs=tuple(asdict(i) for i in spec.inputs), outputs=tuple(asdict(o) for o in spec.outputs),
         plugins=tuple(plugins), config=config,
     )
     return net, problems, warnings
 
 
-def read_graph(path: Path) -> dict:
-    """Inputs, custom ops and SageSLA nodes of an ONNX graph, read without its weights."""
+def read_graph(path: Path, data_file: str | None = None) -> dict:
+    """Inputs, custom ops and SageSLA nodes of an ONNX graph, read without its weights (after checking
+    that its external data stays in `data_file`: the builder's parser will read it)."""
     try:
-        import onnx
         from onnx import helper
+
+        from turbotrt.export.graph_files import load_graph
     except ImportError as e:
         raise BuildError(f"planning a build reads the ONNX graphs with the `onnx` package: {e}") from None
-    model = onnx.load(str(path), load_external_data=False)
+    model = load_graph(path, data_file)
     g = model.graph
     initializers = {t.name for t in g.initializer}
     inputs = {i.name: tuple(d.dim_value if d.HasField("dim_value") else -1 for d in i.type.tensor_type.shape.dim)
@@ -346,7 +347,7 @@ def read_graph(path: Path) -> dict:
             q_shape = [d.dim_value for d in q.shape.dim] if q is not None and q.HasField("shape") else None
             sagesla.append(dict(
                 name=node.name, block_q=attrs.get("block_q"), block_k=attrs.get("block_k"),
-                topk=attrs.get("topk"), sm_scale=attrs.get("sm_scale"), quant=attrs.get("quant", "none"),
+                kept_blocks=attrs.get("kept_blocks"), sm_scale=attrs.get("sm_scale"), quant=attrs.get("quant", "none"),
                 plugin_namespace=attrs.get("plugin_namespace", ""), plugin_version=attrs.get("plugin_version", "1"),
                 head_dim=q_shape[-1] if q_shape and q_shape[-1] > 0 else None,
                 dtype=_ONNX_DTYPES.get(q.elem_type) if q is not None else None,
@@ -434,347 +435,6 @@ def write_plan(bundle: Bundle | str | os.PathLike, options: BuildOptions, path: 
                **plan_kwargs) -> BuildPlan:
     """Plan the build (no TensorRT needed) and write it as JSON to `path` atomically."""
     plan = plan_build(bundle, options, **plan_kwargs)
-    _write_atomic(Path(path), plan.to_json().encode())
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(Path(path), plan.to_json())
     return plan
-
-
-def _write_atomic(path: Path, data: bytes | memoryview) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-# --- Polygraphy loaders -------------------------------------------------------------------------------
-
-def _polygraphy():
-    try:
-        from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, PostprocessConfig, Profile
-    except ImportError as e:
-        raise BuildError(f"building engines needs Polygraphy (pip install polygraphy): {e}") from None
-    return CreateConfig, EngineBytesFromNetwork, PostprocessConfig, Profile
-
-
-def _enum(enum, name: str, what: str):
-    try:
-        return getattr(enum, name)
-    except AttributeError:
-        raise BuildError(f"this TensorRT has no {what} {name}; TensorRT >= "
-                         f"{'.'.join(map(str, MIN_TENSORRT))} is required") from None
-
-
-def network_flags_mask(flags: Iterable[str], trt) -> int:
-    mask = 0
-    for name in flags:
-        # Networks are always strongly typed from TensorRT 11, which deprecates the flag.
-        if name == "STRONGLY_TYPED" and _trt_version(trt) >= (11, 0):
-            continue
-        mask |= 1 << int(_enum(trt.NetworkDefinitionCreationFlag, name, "network flag"))
-    return mask
-
-
-def parser_flags_mask(flags: Iterable[str], trt) -> int:
-    mask = 0
-    for name in flags:
-        mask |= 1 << int(_enum(trt.OnnxParserFlag, name, "ONNX parser flag"))
-    return mask
-
-
-def _trt_version(trt) -> tuple[int, int]:
-    major, minor = (trt.__version__.split(".") + ["0"])[:2]
-    return int(major), int(minor)
-
-
-class NetworkFromOnnxFile:
-    """Polygraphy-style loader: parses an ONNX file into (builder, network, parser) when called.
-
-    Polygraphy's NetworkFromOnnxPath sets only the strongly-typed creation flag; graphs with SageSLA
-    also need PREFER_AOT_PYTHON_PLUGINS, which TensorRT takes only when the network is created.
-    """
-
-    def __init__(self, path: str | os.PathLike, network_flags: Iterable[str] = ("STRONGLY_TYPED",),
-                 parser_flags: Iterable[str] = ("NATIVE_INSTANCENORM",)):
-        self.path, self.network_flags, self.parser_flags = str(path), tuple(network_flags), tuple(parser_flags)
-
-    def __call__(self):
-        import tensorrt as trt
-        from polygraphy.backend.trt import util as trt_util
-
-        logger = trt_util.get_trt_logger()
-        builder = trt.Builder(logger)
-        network = builder.create_network(network_flags_mask(self.network_flags, trt))
-        trt.init_libnvinfer_plugins(logger, "")
-        parser = trt.OnnxParser(network, logger)
-        parser.flags = parser_flags_mask(self.parser_flags, trt)
-        # From the file, not bytes: the parser finds the external weights next to the graph.
-        ok = parser.parse_from_file(self.path)
-        trt_util.check_onnx_parser_errors(parser, ok)
-        return builder, network, parser
-
-
-def network_loader(net: NetworkPlan, root: Path) -> NetworkFromOnnxFile:
-    return NetworkFromOnnxFile(root / net.onnx, net.network_flags, net.parser_flags)
-
-
-def create_config_kwargs(net: NetworkPlan, trt) -> dict:
-    """Arguments of Polygraphy's CreateConfig for one network's plan, with names resolved in `trt`."""
-    Profile = _polygraphy()[3]
-    cfg = net.config
-    profile = Profile()
-    for name, shape in net.shapes.items():
-        profile.add(name, min=shape, opt=shape, max=shape)
-    kwargs = dict(
-        profiles=[profile],
-        tf32=cfg["tf32"],
-        memory_pool_limits={_enum(trt.MemoryPoolType, k, "memory pool"): v
-                            for k, v in cfg["memory_pool_limits"].items()} or None,
-        builder_optimization_level=cfg["builder_optimization_level"],
-        version_compatible=cfg["version_compatible"] or None,
-        refittable=cfg["refittable"],
-        strip_plan=cfg["strip_plan"],
-        load_timing_cache=cfg["timing_cache"],
-    )
-    level = cfg["hardware_compatibility_level"]
-    if level != "NONE":
-        kwargs["hardware_compatibility_level"] = _enum(trt.HardwareCompatibilityLevel, level, "hardware compatibility")
-    return kwargs
-
-
-def config_loader(net: NetworkPlan, trt):
-    """Polygraphy's CreateConfig for one network's plan, plus the builder flags it has no argument for."""
-    CreateConfig, _, PostprocessConfig, _ = _polygraphy()
-    config = CreateConfig(**create_config_kwargs(net, trt))
-    extra = [_enum(trt.BuilderFlag, f, "builder flag") for f in net.config["extra_builder_flags"]]
-    if not extra:
-        return config
-
-    def set_flags(builder, network, cfg):
-        for flag in extra:
-            cfg.set_flag(flag)
-
-    return PostprocessConfig(config, set_flags)
-
-
-def engine_loader(net: NetworkPlan, root: Path, trt):
-    """A Polygraphy loader of the serialized engine; it also updates the timing cache."""
-    EngineBytesFromNetwork = _polygraphy()[1]
-    cache = net.config["timing_cache"]
-    if cache:
-        Path(cache).parent.mkdir(parents=True, exist_ok=True)
-    return EngineBytesFromNetwork(network_loader(net, root), config=config_loader(net, trt), save_timing_cache=cache)
-
-
-def _engine_bytes(net: NetworkPlan, root: Path, trt):
-    return engine_loader(net, root, trt)()
-
-
-# --- building -----------------------------------------------------------------------------------------
-
-def _import_tensorrt():
-    import tensorrt as trt
-
-    return trt
-
-
-def _requirements() -> tuple[object | None, str | None, list[str]]:
-    """(tensorrt module or None, GPU compute capability or None, what is missing)."""
-    missing = []
-    try:
-        trt = _import_tensorrt()
-    except Exception as e:  # ImportError, or an installed package whose libraries fail to load
-        trt = None
-        missing.append(f"the `tensorrt` Python package, TensorRT >= {'.'.join(map(str, MIN_TENSORRT))} "
-                       f"(import failed: {e})")
-    else:
-        if _trt_version(trt) < MIN_TENSORRT:
-            missing.append(f"TensorRT >= {'.'.join(map(str, MIN_TENSORRT))} (this is {trt.__version__})")
-    gpu = compute_capability()
-    if gpu is None:
-        missing.append("an NVIDIA GPU (nvidia-smi finds none)")
-    return trt, gpu, missing
-
-
-@dataclass
-class BuildResult:
-    plan: BuildPlan
-    engines: dict[str, dict] = field(default_factory=dict)  # network -> manifest engine entry
-    seconds: float = 0.0
-
-
-def build_engines(bundle_dir: str | os.PathLike, options: BuildOptions, log: Callable[[str], None] = print,
-                  verify: bool = True, plan_out: str | os.PathLike | None = None) -> BuildResult:
-    """Build the engines of `options.networks` (all by default) on this machine's GPU, save them under
-    `engines/<target>/` and record them in the bundle's manifest (atomically, after each engine).
-
-    verify: check the sha256 of the bundle's files first (off saves a read of the weights).
-    plan_out: also write the plan that was built to this file.
-    """
-    start = time.perf_counter()
-    trt, gpu, missing = _requirements()
-    if missing:
-        raise BuildError("building TensorRT engines needs " + " and ".join(missing) + ". The plan does not: "
-                         "`turbotrt build BUNDLE --dry-run --target sm_XX` writes what the build would ask "
-                         "TensorRT for, on any machine")
-    if options.tensorrt_version and options.tensorrt_version != trt.__version__:
-        raise BuildError(f"--tensorrt-version {options.tensorrt_version} was given, but this TensorRT is "
-                         f"{trt.__version__}; engines are built by the installed one")
-    _forget_missing_engines(Path(bundle_dir), log)
-    try:
-        bundle = Bundle.load(bundle_dir, verify=verify)
-    except BundleError as e:
-        raise BuildError(str(e)) from None
-    plan = plan_build(bundle, options, gpu=gpu, tensorrt_version=trt.__version__)
-    if plan_out is not None:
-        _write_atomic(Path(plan_out), plan.to_json().encode())
-    for w in plan.warnings:
-        log(f"warning: {w}")
-    if plan.problems:
-        raise BuildError("the build plan has problems:\n  - " + "\n  - ".join(plan.problems))
-    if any(n.uses_plugins for n in plan.networks):
-        from turbotrt.plugins.trt import register_plugins
-
-        register_plugins()  # before parsing: the parser looks SageSLA up in the plugin registry
-    result = BuildResult(plan)
-    for net in plan.networks:
-        log(f"[{net.network}] building {net.engine} for {plan.target} with TensorRT {trt.__version__} "
-            f"(profile {net.profile_name}{', SageSLA AOT plugin' if net.uses_plugins else ''})")
-        t0 = time.perf_counter()
-        data = _engine_bytes(net, bundle.root, trt)
-        if data is None:
-            raise BuildError(f"{net.network}: TensorRT returned no engine; see its log above")
-        view = memoryview(data)
-        _write_atomic(bundle.root / net.engine, view)
-        entry = engine_entry(plan, net, hashlib.sha256(view).hexdigest(), view.nbytes)
-        record_engine(bundle.root, net.network, entry)
-        result.engines[net.network] = entry
-        log(f"[{net.network}] wrote {net.engine} ({view.nbytes / 2**20:.1f} MiB) in {time.perf_counter() - t0:.1f} s")
-    result.seconds = time.perf_counter() - start
-    return result
-
-
-def engine_entry(plan: BuildPlan, net: NetworkPlan, sha256: str, size: int) -> dict:
-    """The manifest's record of one built engine (what `Bundle.engine` matches on, and what was asked)."""
-    ptx = [p.ptx_sha256 for p in net.plugins]
-    return dict(
-        file=net.engine, compute_capability=plan.target, tensorrt_version=plan.tensorrt_version,
-        build_gpu=plan.build_gpu or plan.target, profile=net.profile_name,
-        plugin_ptx_sha256=ptx[0] if len(ptx) == 1 else (ptx or None),
-        plugin_ptx=[dict(plugin=p.plugin, kernel_target=p.kernel_target,
-                         ptx_versions=sorted({t["ptx_version"] for k in p.kernels if k["status"] == "ok"
-                                              for t in k["ptx"]}))
-                    for p in net.plugins],
-        hardware_compatibility=plan.options.hardware_compatibility,
-        version_compatible=plan.options.version_compatible, refittable=plan.options.refittable,
-        weight_stripped=plan.options.weight_stripped, sha256=sha256, bytes=size,
-    )
-
-
-def record_engine(root: Path, network: str, entry: dict) -> None:
-    """Add `entry` to the manifest's engines of `network`, replacing any entry for the same file (an
-    older build now overwritten), and its sha256 to `files`; written atomically.
-
-    The manifest is read again here, so entries another build wrote meanwhile are kept.
-    """
-    manifest = json.loads((root / MANIFEST).read_text())
-    engines = manifest.setdefault("engines", {})
-    engines[network] = [e for e in engines.get(network, []) if e["file"] != entry["file"]] + [entry]
-    manifest.setdefault("files", {})[entry["file"]] = entry["sha256"]
-    write_manifest(root, manifest)
-
-
-def _forget_missing_engines(root: Path, log: Callable[[str], None]) -> None:
-    """Drop manifest entries of engine files that were deleted, so the bundle loads and can be rebuilt."""
-    try:
-        manifest = json.loads((root / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return  # Bundle.load reports it
-    files, engines = manifest.get("files") or {}, manifest.get("engines") or {}
-    gone = {f for f in files if f.startswith("engines/") and not (root / f).is_file()}
-    gone |= {e["file"] for entries in engines.values() for e in entries if not (root / e["file"]).is_file()}
-    if not gone:
-        return
-    for f in gone:
-        files.pop(f, None)
-    manifest["engines"] = {n: [e for e in entries if e["file"] not in gone] for n, entries in engines.items()}
-    write_manifest(root, manifest)
-    log(f"forgot {len(gone)} deleted engine file(s): {', '.join(sorted(gone))}")
-
-
-# --- command line -------------------------------------------------------------------------------------
-
-@click.command("build")
-@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
-@click.option("--target", default="auto", show_default=True,
-              help=f"GPU the engines are for: auto (this machine's GPU) or {', '.join(SUPPORTED_TARGETS)}.")
-@click.option("--network", "networks", multiple=True,
-              help="Build only this network (repeat for several); default: every network of the bundle.")
-@click.option("--dry-run", is_flag=True,
-              help="Write the build plan (JSON) and stop: needs neither TensorRT nor a GPU.")
-@click.option("--plan-out", type=click.Path(dir_okay=False),
-              help="Write the plan to this file (atomically); a dry run prints it when this is not given.")
-@click.option("--workspace-gib", type=float, default=None,
-              help="Cap TensorRT's builder workspace, in GiB (default: TensorRT's, the GPU's memory).")
-@click.option("--timing-cache", "timing_cache_dir", type=click.Path(file_okay=False), default=None,
-              help="Folder of timing caches, one per GPU and TensorRT version, reused across builds "
-                   "(default: ~/.cache/turbotrt/timing-cache).")
-@click.option("--no-timing-cache", is_flag=True, help="Neither read nor write a timing cache.")
-@click.option("--hardware-compatibility", type=click.Choice(list(HARDWARE_COMPATIBILITY)), default="none",
-              show_default=True,
-              help="Engines that also run on other GPUs: ampere_plus (any Ampere or newer) or "
-                   "same_compute_capability; slower, and the SageSLA kernel stays specific to the building GPU.")
-@click.option("--version-compatible", is_flag=True,
-              help="Engines that newer TensorRT versions (same major) can load, through the lean runtime.")
-@click.option("--refittable", is_flag=True, help="Engines whose weights can be replaced without a rebuild.")
-@click.option("--weight-stripped", is_flag=True,
-              help="Leave the weights out of the engines (small files); they are refitted from the bundle's "
-                   "ONNX weights when loaded.")
-@click.option("--optimization-level", type=click.IntRange(0, 5), default=None,
-              help="TensorRT builder optimization level, 0-5 (default: TensorRT's, 3); higher builds longer.")
-@click.option("--tf32", is_flag=True, help="Allow TF32 for fp32 GEMMs (faster, less exact than fp32 validation).")
-@click.option("--tensorrt-version", default=None,
-              help="For a dry run without TensorRT: the version the build will use (names the timing cache).")
-@click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the bundle's files before building.")
-def build_command(bundle, target, networks, dry_run, plan_out, workspace_gib, timing_cache_dir, no_timing_cache,
-                  hardware_compatibility, version_compatible, refittable, weight_stripped, optimization_level, tf32,
-                  tensorrt_version, no_verify):
-    """Build TensorRT engines for the networks of BUNDLE (a folder from `turbotrt export`).
-
-    Each ONNX graph is parsed as a strongly typed network (its types and explicit Q/DQ set the
-    precision) with its static shapes as the only optimization profile, SageSLA nodes become the
-    turbodiffusion::SageSLA plugin with its ahead-of-time kernel embedded, and the engine is written to
-    BUNDLE/engines/<target>/<network>.plan and recorded in manifest.json.
-
-    Building needs TensorRT (>= 10.9) and the GPU the engines are for. --dry-run needs neither: it
-    writes the plan, everything TensorRT would be asked for, and lists what would stop the build."""
-    try:
-        options = BuildOptions(
-            target=target, workspace_gib=workspace_gib, timing_cache=not no_timing_cache,
-            timing_cache_dir=timing_cache_dir, hardware_compatibility=hardware_compatibility,
-            version_compatible=version_compatible, refittable=refittable, weight_stripped=weight_stripped,
-            networks=tuple(networks) or None, optimization_level=optimization_level, tf32=tf32,
-            tensorrt_version=tensorrt_version,
-        )
-        if dry_run:
-            plan = plan_build(bundle, options)
-            if plan_out:
-                _write_atomic(Path(plan_out), plan.to_json().encode())
-                click.echo(f"wrote the build plan of {len(plan.networks)} networks for {plan.target} to {plan_out}")
-            else:
-                click.echo(plan.to_json(), nl=False)
-            for w in plan.warnings:
-                click.echo(f"warning: {w}", err=True)
-            if plan.problems:
-                click.echo("a build would stop on:\n  - " + "\n  - ".join(plan.problems), err=True)
-            return
-        result = build_engines(bundle, options, log=click.echo, verify=not no_verify, plan_out=plan_out)
-    except (BuildError, BundleError, ValueError) as e:
-        raise click.ClickException(str(e)) from None
-    click.echo(f"built {', '.join(result.engines)} for {result.plan.target} in {result.seconds:.1f} s")
-

@@ -1,8 +1,12 @@
-"""Trace a module built on `meta` to ONNX, then stream its weights into an external-data file.
+"""ONNX files in and out: trace on `meta`, stream weights to external data, read initializers back.
 
 Tracing on `meta` costs no weight memory whatever the model size; weights then go from the
 (mmap'd) checkpoint to disk one tensor at a time, so peak memory stays near one tensor plus the
 traced graph. Files are written under temporary names and renamed only when complete.
+
+Reading is the mirror image and treats the file as untrusted: every external-data location must be
+the graph's own data file (declared by the manifest), with an offset and length inside it, before
+a byte is read. One type table (`TORCH_OF`) serves every reader and writer.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import logging
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -18,15 +23,18 @@ from typing import Callable, Iterable, Mapping
 
 import onnx
 import torch
+from onnx import TensorProto
 
-OPSET = 20  # TensorRT 10.x parses opsets 9..20 (REFERENCE section 6)
+from turbotrt.export.graph_files import GraphFileError, external_info, load_graph
+
+OPSET = 20  # TensorRT 10.x's ONNX parser reads opsets 9..20 (onnx-tensorrt's operator support notes)
 ALIGN = 4096  # external-data offsets aligned to pages so runtimes may mmap them
 
 TORCH_OF = {
     onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.FLOAT16: torch.float16,
     onnx.TensorProto.BFLOAT16: torch.bfloat16, onnx.TensorProto.INT8: torch.int8, onnx.TensorProto.UINT8: torch.uint8,
     onnx.TensorProto.INT32: torch.int32, onnx.TensorProto.INT64: torch.int64, onnx.TensorProto.BOOL: torch.bool,
-    onnx.TensorProto.FLOAT8E4M3FN: torch.float8_e4m3fn,
+    onnx.TensorProto.FLOAT8E4M3FN: torch.float8_e4m3fn, onnx.TensorProto.DOUBLE: torch.float64,
 }
 ONNX_OF = {t: o for o, t in TORCH_OF.items()}
 
@@ -194,3 +202,101 @@ def attach_function(model: onnx.ModelProto, function: onnx.FunctionProto, domain
         model.functions.append(function)
     if not any(op.domain == function.domain for op in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(function.domain, domain_version))
+
+
+def strip_prefix(traced: TracedGraph, prefix: str) -> None:
+    """Initializer names become the checkpoint's own (`blocks.0.self_attn.q.weight`), not the entry
+    wrapper's (`model.blocks.0...`)."""
+    renames = {s.name: s.name.removeprefix(prefix) for s in traced.weights}
+    for node in traced.model.graph.node:
+        for i, name in enumerate(node.input):
+            if name in renames:
+                node.input[i] = renames[name]
+    traced.weights[:] = [type(s)(renames[s.name], s.dtype, s.shape) for s in traced.weights]
+
+
+# --- reading back (untrusted files) ------------------------------------------------------------------
+
+INLINE_MAX_BYTES = 1024  # scales and zero points stay in the graph; weights go to the data file
+
+
+def raw_bytes(t: TensorProto, base_dir: Path) -> bytes:
+    """The little-endian bytes of one initializer (its external location checked by `load_graph`)."""
+    if t.data_location == TensorProto.EXTERNAL:
+        info = external_info(t)
+        with open(base_dir / info["location"], "rb") as f:
+            f.seek(int(info.get("offset", 0)))
+            return f.read(int(info["length"]))
+    if t.HasField("raw_data"):
+        return t.raw_data
+    return onnx.numpy_helper.to_array(t).tobytes()
+
+
+def to_torch(t: TensorProto, base_dir: Path) -> torch.Tensor:
+    dtype = TORCH_OF.get(t.data_type)
+    if dtype is None:
+        raise GraphFileError(f"initializer {t.name}: unsupported ONNX type {t.data_type}")
+    buf = bytearray(raw_bytes(t, base_dir))
+    shape = tuple(t.dims)
+    if len(buf) != torch.empty(0, dtype=dtype).element_size() * math.prod(shape):
+        raise GraphFileError(f"initializer {t.name}: {len(buf)} bytes for shape {shape} of {dtype}")
+    return torch.frombuffer(buf, dtype=dtype).reshape(shape) if buf else torch.empty(shape, dtype=dtype)
+
+
+class GraphWeights:
+    """name -> tensor (stored dtype), read one initializer at a time from a checked graph file."""
+
+    def __init__(self, path: str | os.PathLike, data_file: str | None = None):
+        self.path = Path(path)
+        self.model = load_graph(self.path, data_file)
+        self._protos = {t.name: t for t in self.model.graph.initializer}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._protos
+
+    def names(self) -> list[str]:
+        return list(self._protos)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        try:
+            return to_torch(self._protos[name], self.path.parent)
+        except KeyError:
+            raise KeyError(f"{self.path.name} has no initializer {name!r}") from None
+
+    def __call__(self, name: str) -> torch.Tensor:
+        return self[name]
+
+
+def float_state_dict(weights: GraphWeights, names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """The named weights of an exported graph as fp32 (its initializers carry checkpoint keys)."""
+    names = list(names)
+    missing = [n for n in names if n not in weights]
+    if missing:
+        raise GraphFileError(f"{weights.path.name} lacks initializers {missing[:5]}{' ...' if len(missing) > 5 else ''}: "
+                             "not an export of this model?")
+    return {n: weights[n].float() for n in names}
+
+
+def tensor_proto(name: str, value: torch.Tensor) -> TensorProto:
+    """An inline initializer with raw little-endian bytes (moved to external data if large)."""
+    value = value.detach().contiguous()
+    tp = TensorProto(name=name, data_type=ONNX_OF[value.dtype], dims=list(value.shape))
+    tp.raw_data = value.reshape(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b""
+    return tp
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, source_dir: str | os.PathLike,
+               progress: Callable | None = None) -> Path:
+    """Write `path` and `path + '.data'`; both appear under their final names only when complete.
+
+    Initializers already external (relative to `source_dir`, checked by `load_graph`) are copied
+    tensor by tensor; inline ones above INLINE_MAX_BYTES are moved out. Offsets are page-aligned.
+    """
+    source_dir = Path(source_dir)
+    inits = list(model.graph.initializer)
+    with ExternalDataWriter(path) as out:
+        for t in (progress(inits, desc="writing weights") if progress else inits):
+            if t.data_location != TensorProto.EXTERNAL and len(t.raw_data) <= INLINE_MAX_BYTES:
+                continue
+            out.append(t, raw_bytes(t, source_dir))
+        return out.commit(model)

@@ -1,5 +1,8 @@
 """The rCM few-step schedule and updates in plain numpy, shared by the runtime and the PyTorch reference.
 
+Upstream: TurboDiffusion `rcm/` (the distilled schedule and its SDE/ODE updates); the noise they
+re-inject comes from `turbotrt.core.noise`.
+
 rCM samples in 1 to 4 steps with no classifier-free guidance: one DiT call per step.
 """
 
@@ -73,18 +76,3 @@ def expert_for_step(t_cur: float, boundary: float | None, experts: tuple[str, ..
     if not experts:
         return None
     return experts[0] if t_cur >= boundary else experts[1]
-
-
-class NoiseStream:
-    """Seeded Gaussian noise from numpy's PCG64, drawn in sampling order (initial, then one per step).
-
-    Bundles sample with this stream in both the runtime and the PyTorch reference, so the two are
-    compared on identical noise without torch in the runtime. (TurboDiffusion itself draws from a
-    CUDA torch generator; `turbotrt.models.sampler` can reproduce that where torch is available.)
-    """
-
-    def __init__(self, seed: int):
-        self.rng = np.random.Generator(np.random.PCG64(int(seed)))
-
-    def __call__(self, shape) -> np.ndarray:
-        return self.rng.standard_normal(tuple(shape), dtype=np.float32)

@@ -1,4 +1,5 @@
-"""Model presets and shape profiles: the one source of truth for the CLI, exporters and manifests.
+"""Model presets, attention settings and shape profiles: the one source of truth for the CLI,
+exporters, manifests and the runtime. Torch-free.
 
 Full-size presets follow the released TurboDiffusion checkpoints; the `wan-tiny*` presets keep the
 real head_dim (128), patch size, text length and channel counts so every code path (RoPE split,
@@ -8,6 +9,8 @@ SLA blocks, I2V conditioning) is exercised, but run in milliseconds on a CPU.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+
+from turbotrt.core import sagesla
 
 
 @dataclass(frozen=True)
@@ -170,3 +173,62 @@ def shape_profile(resolution: str, frames: int, aspect: str = "16:9", config: Wa
 
 def default_profile(config: WanConfig) -> ShapeProfile:
     return shape_profile(config.default_resolution, config.default_frames, "16:9", config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Self-attention settings of a DiT (what the reference computes and what an export records).
+
+ATTENTION_MODES = ("dense", "sla", "sagesla")
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """dense: softmax attention over all keys. sla: o_s (softmax over the kept key blocks) +
+    proj_l(linear attention). sagesla: sla with o_s in SpargeAttn's low-bit numerics.
+
+    topk is the *fraction* of key blocks each query block keeps (0 < topk <= 1); the count a graph
+    uses follows from the sequence length (`sagesla.kept_blocks`). Block sizes are explicit, never
+    inferred from a GPU; v_dtype (sagesla only) is the P/V type: fp8 (sm89/90/120) or fp16 (sm80).
+    """
+
+    mode: str = "sla"
+    block_q: int = 128
+    block_k: int = 64
+    topk: float = 0.1
+    v_dtype: str = "fp8"
+
+    def __post_init__(self):
+        if self.mode not in ATTENTION_MODES:
+            raise ValueError(f"unknown attention mode {self.mode!r}; valid modes: {', '.join(ATTENTION_MODES)}")
+        for name in ("block_q", "block_k"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        topk = self.topk
+        if isinstance(topk, bool) or not isinstance(topk, (int, float)) or not 0.0 < topk <= 1.0:
+            raise ValueError(f"topk is the fraction of key blocks kept and must satisfy 0 < topk <= 1, got {topk!r}")
+        object.__setattr__(self, "topk", float(topk))
+        if self.v_dtype not in sagesla.V_DTYPES:
+            raise ValueError(f"unknown v_dtype {self.v_dtype!r}; valid: {', '.join(sagesla.V_DTYPES)}")
+
+    @property
+    def sparse(self) -> bool:
+        return self.mode != "dense"
+
+    @property
+    def quant(self) -> str:
+        """The SageSLA op's `quant` attribute for this mode (sla: "none")."""
+        return sagesla.quant_mode(self.mode, self.v_dtype)
+
+    def replace(self, **changes) -> "AttentionConfig":
+        return AttentionConfig(**{**self.to_dict(), **changes})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def for_model(cls, config: WanConfig, mode: str = "sla", **overrides) -> "AttentionConfig":
+        """The model preset's default geometry and topk, with explicit overrides (None = default)."""
+        fields = dict(mode=mode, block_q=config.sla_block_q, block_k=config.sla_block_k, topk=config.sla_topk)
+        fields.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**fields)
