@@ -24,7 +24,7 @@ def t2v_bundle(tiny_bundle):
 
 
 def _reference(bundle_path, mode="sla"):
-    from turbotrt.export.validate_bundle import reference_pipeline
+    from turbotrt.validation import reference_pipeline
 
     return reference_pipeline(Bundle.load(bundle_path), mode)
 
@@ -59,7 +59,7 @@ def test_run_writes_an_mp4_with_the_right_frame_count(t2v_bundle, tmp_path):
 
 
 def test_validate_bundle_end_to_end(t2v_bundle):
-    from turbotrt.export.validate_bundle import validate_bundle
+    from turbotrt.validation import validate_bundle
 
     result = validate_bundle(t2v_bundle, steps=2, **quiet)
     assert result.passed

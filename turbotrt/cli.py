@@ -87,6 +87,8 @@ def _check_output_file(path: str, force: bool) -> None:
     """Refuse before any work: an existing file (unless --force), a folder, an unwritable parent."""
     from pathlib import Path
 
+    from turbotrt.core.files import check_writable
+
     p = Path(path)
     if p.is_dir():
         raise TurbotrtError(f"{p} is a folder; give a file name for the video (e.g. {p / 'video.mp4'})")
@@ -95,8 +97,7 @@ def _check_output_file(path: str, force: bool) -> None:
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.is_dir():
         raise TurbotrtError(f"folder {parent} does not exist; create it first")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise TurbotrtError(f"cannot write into {parent.resolve()} (permission denied or read-only)")
+    check_writable(parent)
 
 
 def _check_prompt(prompt: str) -> str:
@@ -540,7 +541,7 @@ def validate(bundle, prompt, seed, steps, json_out, allow_skips):
     unless --allow-skips: it never says "valid" about what it did not check."""
     needs_torch("validation")
     from turbotrt.core.files import write_atomic
-    from turbotrt.export.validate_bundle import validate_bundle
+    from turbotrt.validation import validate_bundle
 
     _check_prompt(prompt)
     result = validate_bundle(bundle, prompt=prompt, seed=seed, steps=steps, log=click.echo)

@@ -225,6 +225,11 @@ def calibrate(
         weights = plan.networks[0].weights
         if checkpoint is None and getattr(weights, "quantized", False):
             checkpoint = str(source)  # a -quant checkpoint: its own tiles are the weights
+        has_text = any(n.network == "text_encoder" for n in plan.networks) and (plan.tiny or plan.tokenizer)
+        if embeddings is None and (cache is None or evaluate) and not has_text:
+            raise CalibrationError(
+                f"calibrating {plan.config.name} needs prompt embeddings: give the umT5 checkpoint and its tokenizer "
+                "(--text-encoder, --tokenizer) or precomputed embeddings (--embeddings)")
     names = obs.quantized_linears((bundle.model if bundle else plan.config).num_layers, qcfg.exclude)
     if not names:
         raise CalibrationError(f"exclude patterns {list(qcfg.exclude)} leave no Linear to quantize")

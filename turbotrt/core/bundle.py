@@ -138,6 +138,16 @@ class Bundle:
     def graph(self, network: str) -> Path:
         return self.path(self._entry(network).file, f"graphs.{network}.file")
 
+    def checked_graph(self, network: str) -> Path:
+        """The graph's path after checking that its external data stays in its own data file (what a
+        reader calls before handing the file to ONNX Runtime or TensorRT)."""
+        from turbotrt.core.onnx_refs import check_external_data
+
+        path = self.graph(network)
+        data = self.data(network)
+        check_external_data(path, data.name if data else None)
+        return path
+
     def data(self, network: str) -> Path | None:
         entry = self._entry(network)
         return None if entry.data is None else self.path(entry.data, f"graphs.{network}.data")

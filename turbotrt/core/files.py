@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import signal
+import tempfile
 import threading
 from pathlib import Path
 from typing import Callable
@@ -55,6 +56,19 @@ def write_atomic(path: str | os.PathLike, data: bytes | bytearray | memoryview |
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
     return path
+
+
+def check_writable(folder: str | os.PathLike) -> None:
+    """Refuse, before any work, a folder we cannot create files in (read-only file system, permissions).
+
+    A real probe rather than os.access: root passes every permission check but not a read-only mount."""
+    folder = Path(folder)
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".turbotrt-probe-", dir=folder)
+    except OSError as e:
+        raise TurbotrtError(f"cannot write into {folder.resolve()} ({e.strerror}); choose another output") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def check_relpath(rel: object, what: str) -> str:
@@ -168,10 +182,11 @@ class StagingDir:
                 raise TurbotrtError(f"{out} exists and is not a turbotrt {self.what}; --force only replaces a "
                                     f"{self.what}: choose another output or move it away first")
         parent = out.parent if str(out.parent) else Path(".")
-        parent.mkdir(parents=True, exist_ok=True)
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise TurbotrtError(f"cannot write into {parent.resolve()} (permission denied or read-only); choose "
-                                f"another output folder")
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise TurbotrtError(f"cannot create {parent} ({e.strerror}); choose another output") from None
+        check_writable(parent)
 
     def _clear_stale(self) -> None:
         for stale in (self.path, *self.out.parent.glob(f"{self.out.name}.old-*")):

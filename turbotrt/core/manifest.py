@@ -324,8 +324,7 @@ class Manifest:
 
     def to_json(self) -> bytes:
         """The file's bytes, digest included."""
-        raw = (json.dumps(self.to_dict(), indent=2, default=_json_default) + "\n").encode()
-        return raw.replace(_ZERO_DIGEST, hashlib.sha256(raw).hexdigest().encode(), 1)
+        return sealed_json(self.to_dict())
 
     # --- reading ---------------------------------------------------------------------------------------
     @classmethod
@@ -418,6 +417,15 @@ class Manifest:
         return out
 
 
+def sealed_json(d: dict) -> bytes:
+    """`d` as manifest bytes with its digest filled in (`d` must start with DIGEST_KEY)."""
+    if next(iter(d), None) != DIGEST_KEY:
+        d = {DIGEST_KEY: None, **{k: v for k, v in d.items() if k != DIGEST_KEY}}
+    d[DIGEST_KEY] = _ZERO_DIGEST.decode()
+    raw = (json.dumps(d, indent=2, default=_json_default) + "\n").encode()
+    return raw.replace(_ZERO_DIGEST, hashlib.sha256(raw).hexdigest().encode(), 1)
+
+
 def check_digest(raw: bytes, where: str = MANIFEST) -> None:
     found = _DIGEST_FIELD.search(raw)
     if found is None:
@@ -489,8 +497,8 @@ def _check_bounds(spec: GraphSpec, model: WanConfig, profile: ShapeProfile) -> N
         if io.numel > MAX_TENSOR_PER_PIXEL * pixels:
             raise _fail(f"graphs.{name}: {io.name} {list(io.shape)} is larger than profile {profile.name} allows")
         total += io.numel
-    missing = [n for n in exact if n not in spec.input_names + spec.output_names and n != "y"]
-    if name.startswith(("dit", "text_encoder")) and missing:
+    missing = [n for n in exact if n not in spec.input_names + spec.output_names]
+    if missing:
         raise _fail(f"graphs.{name} lacks {', '.join(missing)}")
     if total > MAX_GRAPH_PER_PIXEL * pixels:
         raise _fail(f"graphs.{name}: its inputs and outputs are larger than profile {profile.name} allows")

@@ -7,6 +7,7 @@ memory-mapped by design. Tensors keep their stored dtype (bf16 for the released 
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -88,7 +89,9 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
             begin, end = (int(x) for x in entry["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{bad} (entry {name!r} has an unknown dtype or a malformed shape/offsets)") from None
-        nbytes = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+        # Python ints: a lying shape's product cannot overflow here (torch.Size.numel would), and it
+        # must match the byte range, which must lie inside the file.
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         if min(shape, default=0) < 0 or begin < 0 or end - begin != nbytes or base + end > size:
             raise CheckpointError(f"{bad} ({name!r}: bytes {begin}..{end} do not hold {entry['dtype']} {shape} "
                                   f"inside the file; truncated or corrupt)")

@@ -31,7 +31,13 @@ class OrtSession:
 
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
-        self.sess = ort.InferenceSession(str(path), opts, providers=list(providers))
+        try:
+            self.sess = ort.InferenceSession(str(path), opts, providers=list(providers))
+        except Exception as e:  # ORT raises its own exception types for unreadable or damaged models
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise BackendError(f"ONNX Runtime cannot load {path.name}: {first}. The bundle may be damaged or "
+                               "truncated: load it with verification on (without --no-verify) to find out") from None
+        self.name = path.name
         self.inputs = [i.name for i in self.sess.get_inputs()]
         self.outputs = [o.name for o in self.sess.get_outputs()]
 
@@ -39,7 +45,12 @@ class OrtSession:
         missing = [n for n in self.inputs if n not in feeds]
         if missing:
             raise ValueError(f"missing inputs {missing}")
-        values = self.sess.run(None, {n: feeds[n] for n in self.inputs})
+        try:
+            values = self.sess.run(None, {n: feeds[n] for n in self.inputs})
+        except Exception as e:  # ORT's own exception types: a graph that fails on its inputs
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise BackendError(f"ONNX Runtime failed running {self.name}: {first}. If the bundle was loaded with "
+                               "--no-verify, it may be damaged: load it with verification on") from None
         return dict(zip(self.outputs, values))
 
 
@@ -67,7 +78,7 @@ class OrtBackend:
 
     def session(self, network: str) -> OrtSession:
         if network not in self._sessions:
-            self._sessions[network] = OrtSession(self.bundle.graph(network), self.providers)
+            self._sessions[network] = OrtSession(self.bundle.checked_graph(network), self.providers)
         return self._sessions[network]
 
     def describe(self) -> str:
