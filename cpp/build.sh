@@ -133,7 +133,7 @@ LIB_MINOR=$(echo "$ORT_VERSION" | cut -d. -f2)
 say "ONNX Runtime headers: API version $HEADER_API ($(readlink -f "$ORT_INC"))"
 
 # --- configure and build -----------------------------------------------------------------------------
-CMAKE_ARGS=(-S "$HERE" -B "$BUILD/cmake" -DCMAKE_BUILD_TYPE=Release -DONNXRUNTIME_ROOT="$ORT_ROOT")
+CMAKE_ARGS=(-S "$HERE" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DONNXRUNTIME_ROOT="$ORT_ROOT")
 if [ -n "$TENSORRT" ]; then
   [ -f "$TENSORRT/include/NvInfer.h" ] || die "--tensorrt $TENSORRT has no include/NvInfer.h (TensorRT >= 10.9 from NVIDIA)"
   CMAKE_ARGS+=(-DTURBOTRT_WITH_TENSORRT=ON -DTENSORRT_ROOT="$TENSORRT")
@@ -141,8 +141,8 @@ if [ -n "$TENSORRT" ]; then
 else
   CMAKE_ARGS+=(-DTURBOTRT_WITH_TENSORRT=OFF)
 fi
-say "configuring (cmake) in cpp/build/cmake"
+say "configuring (cmake) in cpp/build"
 cmake "${CMAKE_ARGS[@]}" >"$BUILD/configure.log" 2>&1 || { tail -n 20 "$BUILD/configure.log" >&2; die "cmake configure failed (log: $BUILD/configure.log)"; }
 say "building with $JOBS jobs"
-nice -n 10 cmake --build "$BUILD/cmake" -j "$JOBS" >"$BUILD/build.log" 2>&1 || { grep -m 20 -E "error|Error" "$BUILD/build.log" >&2 || tail -n 20 "$BUILD/build.log" >&2; die "build failed (log: $BUILD/build.log)"; }
-say "built $BUILD/bin/turbotrt_run (and libturbotrt.a in $BUILD/cmake)"
+nice -n 10 cmake --build "$BUILD" -j "$JOBS" >"$BUILD/build.log" 2>&1 || { grep -m 20 -E "error|Error" "$BUILD/build.log" >&2 || tail -n 20 "$BUILD/build.log" >&2; die "build failed (log: $BUILD/build.log)"; }
+say "built cpp/build/bin/turbotrt_run, cpp/build/bin/turbotrt_check and cpp/build/libturbotrt.a"

@@ -37,9 +37,9 @@ std::unique_ptr<Backend> make_backend(const Bundle& bundle, const std::string& n
 
 std::unique_ptr<Backend> make_ort_backend(const Bundle& bundle);
 #ifdef TURBOTRT_WITH_TENSORRT
-std::unique_ptr<Backend> make_trt_backend(const Bundle& bundle);
-// Throws Error unless every graph has an engine for this GPU and TensorRT.
-void check_trt_engines(const Bundle& bundle);
+// require_all_engines: throw Error now unless every graph has an engine for this GPU and TensorRT
+// (otherwise a missing engine is reported when its graph first runs).
+std::unique_ptr<Backend> make_trt_backend(const Bundle& bundle, bool require_all_engines);
 #endif
 
 }  // namespace turbotrt

@@ -538,6 +538,11 @@ std::string Bundle::tokenizer() const {
 
 std::string Bundle::engine(const std::string& network, const std::string& flavour, const std::string& target,
                            const std::string& library_version) const {
+  return path(engine_entry(network, flavour, target, library_version).file, "engines." + network);
+}
+
+const EngineEntry& Bundle::engine_entry(const std::string& network, const std::string& flavour, const std::string& target,
+                                        const std::string& library_version) const {
   std::vector<const EngineEntry*> entries;
   for (const auto& [n, list] : manifest.engines)
     if (n == network)
@@ -547,7 +552,7 @@ std::string Bundle::engine(const std::string& network, const std::string& flavou
   std::string rebuild = "run `turbotrt build " + root + runtime + " --target " + target + "` on this machine";
   if (entries.empty()) throw Error(root + ": no " + flavour + " engine for " + network + "; " + rebuild);
   for (const EngineEntry* e : entries)
-    if (gpu_fits(*e, target) && library_fits(*e, library_version)) return path(e->file, "engines." + network);
+    if (gpu_fits(*e, target) && library_fits(*e, library_version)) return *e;
   std::vector<std::string> built;
   for (const EngineEntry* e : entries) built.push_back(e->target + " / " + flavour + " " + e->library_version);
   throw Error(root + ": the " + network + " engine was built for " + join(built) + ", but this machine has " + target +

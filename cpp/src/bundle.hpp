@@ -93,6 +93,9 @@ class Bundle {
   // names the `turbotrt build` command that makes one.
   std::string engine(const std::string& network, const std::string& flavour, const std::string& target,
                      const std::string& library_version) const;
+  // The manifest entry of that plan (same matching and refusals).
+  const EngineEntry& engine_entry(const std::string& network, const std::string& flavour, const std::string& target,
+                                  const std::string& library_version) const;
 
   std::string root;  // as Python prints Path(path)
   Manifest manifest;
