@@ -74,6 +74,9 @@ void drain(AVCodecContext* c, AVFrame* frame, AVFormatContext* oc, AVStream* st,
     int err = avcodec_receive_packet(c, pkt);
     if (err == AVERROR(EAGAIN) || err == AVERROR_EOF) return;
     check(err, "encoding a frame");
+    // Every frame lasts 1/fps. Older encoders leave the duration unset, and the mp4 muxer then
+    // cuts the last frame out of the edit list.
+    if (pkt->duration <= 0) pkt->duration = 1;
     av_packet_rescale_ts(pkt, c->time_base, st->time_base);
     pkt->stream_index = st->index;
     check(av_interleaved_write_frame(oc, pkt), "writing the mp4");
