@@ -39,14 +39,9 @@ DType from_ort(ONNXTensorElementDataType t) {
   }
 }
 
-Ort::Env& env() {
-  static Ort::Env e(ORT_LOGGING_LEVEL_ERROR, "turbotrt");  // Python: log_severity_level = 3 (errors)
-  return e;
-}
-
 class OrtSession : public Session {
  public:
-  OrtSession(const std::string& path, bool cuda) {
+  OrtSession(Ort::Env& env, const std::string& path, bool cuda) {
     Ort::SessionOptions opts;
     opts.SetLogSeverityLevel(3);
     if (cuda) {
@@ -56,7 +51,7 @@ class OrtSession : public Session {
           cuda_opts, [](OrtCUDAProviderOptionsV2* p) { Ort::GetApi().ReleaseCUDAProviderOptions(p); });
       opts.AppendExecutionProvider_CUDA_V2(*cuda_opts);
     }
-    session_ = std::make_unique<Ort::Session>(env(), path.c_str(), opts);
+    session_ = std::make_unique<Ort::Session>(env, path.c_str(), opts);
     Ort::AllocatorWithDefaultOptions alloc;
     for (size_t i = 0; i < session_->GetInputCount(); ++i) inputs_.push_back(session_->GetInputNameAllocated(i, alloc).get());
     for (size_t i = 0; i < session_->GetOutputCount(); ++i) outputs_.push_back(session_->GetOutputNameAllocated(i, alloc).get());
@@ -101,9 +96,14 @@ class OrtSession : public Session {
 
 class OrtBackend : public Backend {
  public:
-  explicit OrtBackend(const Bundle& bundle) : bundle_(bundle) {
+  // ONNX Runtime counts its environments; each backend holds one, so it outlives the backend's sessions.
+  explicit OrtBackend(const Bundle& bundle) : bundle_(bundle), env_(ORT_LOGGING_LEVEL_ERROR, "turbotrt") {
     auto available = Ort::GetAvailableProviders();
     cuda_ = std::find(available.begin(), available.end(), "CUDAExecutionProvider") != available.end();
+    if (bundle.manifest.float_precision == "bf16" && !cuda_)
+      throw Error(bundle.root + " is a bf16 bundle and ONNX Runtime's CPU provider has no bf16 kernels: run it on an "
+                  "NVIDIA GPU (onnxruntime-gpu, or TensorRT engines from `turbotrt build`), or export with --precision "
+                  "fp32 or fp16 to run on a CPU");
   }
 
   Session& session(const std::string& network) override {
@@ -111,7 +111,7 @@ class OrtBackend : public Backend {
     if (it == sessions_.end()) {
       std::string path = bundle_.graph(network);
       try {
-        it = sessions_.emplace(network, std::make_unique<OrtSession>(path, cuda_)).first;
+        it = sessions_.emplace(network, std::make_unique<OrtSession>(env_, path, cuda_)).first;
       } catch (const Ort::Exception& e) {
         throw Error("ONNX Runtime cannot load " + path + ": " + e.what());
       }
@@ -125,6 +125,7 @@ class OrtBackend : public Backend {
 
  private:
   const Bundle& bundle_;
+  Ort::Env env_;  // errors only, as the Python runtime's log_severity_level = 3
   bool cuda_ = false;
   std::map<std::string, std::unique_ptr<OrtSession>> sessions_;
 };

@@ -267,6 +267,7 @@ Manifest manifest_from_json(const Json& d) {
   get(d, "attention", Kind::dict, "manifest");
   m.precision = get(d, "precision", Kind::str, "manifest").get<std::string>();
   if (!one_of(m.precision, PRECISIONS)) throw fail("precision " + py_repr(m.precision) + " is not one of " + joined(PRECISIONS));
+  m.float_precision = m.precision;
   const Json q = d.contains("quantization") ? d["quantization"] : Json();
   if (!q.is_null()) {
     const std::string what = "quantization";
@@ -285,6 +286,7 @@ Manifest manifest_from_json(const Json& d) {
       throw fail(what + ": mode " + py_repr(mode) + " / float precision " + py_repr(fp) + " unknown");
     if (mode != m.precision)
       throw fail("precision " + py_repr(m.precision) + " and quantization " + py_repr(mode) + " disagree");
+    m.float_precision = fp;
   } else if (one_of(m.precision, QUANT_MODES)) {
     throw fail("precision " + py_repr(m.precision) + " and quantization None disagree");
   }

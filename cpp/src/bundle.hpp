@@ -60,6 +60,7 @@ struct Manifest {
   ModelInfo model;
   Profile profile;
   std::string precision;
+  std::string float_precision;  // of what is not quantized: the precision, or quantization.float_precision
   std::vector<std::pair<std::string, GraphEntry>> graphs;  // in the file's order
   std::optional<std::string> tokenizer;
   std::vector<std::string> quantization_files;  // calibration cache and report, when quantized
