@@ -2,14 +2,30 @@
 
 #include <sentencepiece_processor.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <map>
+#include <utility>
 
 #include "turbotrt/turbotrt.hpp"
 
 namespace turbotrt {
 
 namespace {
+
+#include "unicode_tables.inc"
+
+template <size_t N>
+const char32_t* lookup(const std::pair<char32_t, const char32_t*> (&table)[N], char32_t c) {
+  auto it = std::lower_bound(std::begin(table), std::end(table), c, [](const auto& e, char32_t v) { return e.first < v; });
+  return it != std::end(table) && it->first == c ? it->second : nullptr;
+}
+
+bool nfc_may_change(char32_t c) {
+  auto it = std::upper_bound(std::begin(NFC_MAY_CHANGE), std::end(NFC_MAY_CHANGE), c,
+                             [](char32_t v, const auto& r) { return v < r.first; });
+  return it != std::begin(NFC_MAY_CHANGE) && c <= (it - 1)->second;
+}
 
 // --- UTF-8 -------------------------------------------------------------------------------------------
 std::u32string decode_utf8(const std::string& s) {
@@ -140,13 +156,19 @@ std::u32string ftfy_line(std::u32string s, bool html) {
   for (int round = 0; round < 16; ++round) {
     std::u32string before = s;
     if (html) s = unescape(s);
-    std::u32string t;
-    for (char32_t c : remove_terminal_escapes(s)) {
-      if (c == 0x2BC || (c >= 0x2018 && c <= 0x201B)) t += U'\'';  // uncurl_quotes
-      else if (c >= 0x201C && c <= 0x201F) t += U'"';
-      else if (!is_control(c)) t += c;
+    std::u32string t;  // fix_latin_ligatures, then fix_character_width
+    for (char32_t c : s) {
+      const char32_t* r = lookup(LIGATURES, c);
+      if (!r) r = lookup(WIDTH, c);
+      if (r) t += r;
+      else t += c;
     }
-    s = t;
+    s.clear();
+    for (char32_t c : remove_terminal_escapes(t)) {
+      if (c == 0x2BC || (c >= 0x2018 && c <= 0x201B)) s += U'\'';  // uncurl_quotes
+      else if (c >= 0x201C && c <= 0x201F) s += U'"';
+      else if (!is_control(c)) s += c;  // remove_control_chars
+    }
     if (s == before) break;
   }
   return s;
@@ -186,6 +208,13 @@ std::string clean_text(const std::string& text) {
 bool cleaning_is_approximate(const std::string& text) {
   for (char32_t c : decode_utf8(text)) {
     if (c >= 0x80 && c <= 0xFF && c != 0xA0) return true;  // where mojibake and C1 controls live
+    // ftfy ends with NFC, which C++ does not do; check what the width and ligature maps make, too
+    // (halfwidth katakana map to combining voicing marks).
+    const char32_t* mapped = lookup(LIGATURES, c);
+    if (!mapped) mapped = lookup(WIDTH, c);
+    if (nfc_may_change(c)) return true;
+    for (const char32_t* m = mapped; m && *m; ++m)
+      if (nfc_may_change(*m)) return true;
   }
   for (size_t i = 0; (i = text.find('&', i)) != std::string::npos; ++i) {
     size_t j = i + 1;

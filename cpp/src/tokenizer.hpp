@@ -14,12 +14,13 @@ class SentencePieceProcessor;
 namespace turbotrt {
 
 // Wan's clean="whitespace": ftfy.fix_text, html.unescape twice, strip, collapse Unicode whitespace.
-// Of ftfy's fixes this applies those that change what sentencepiece sees (HTML entities where the
-// line has no '<', terminal escapes, curly quotes, control characters); its width, ligature and NFC
-// fixes are left to sentencepiece's NFKC normalisation, which gives the same pieces.
+// Of ftfy's fixes this applies HTML entities (the common ones, where the line has no '<'), Latin
+// ligatures, full- and halfwidth forms, curly quotes, terminal escapes and control characters, with
+// ftfy's tables (src/unicode_tables.inc). It does not repair mojibake and does not compose to NFC.
 std::string clean_text(const std::string& text);
 // Whether clean_text may differ from Python's for this prompt: it has HTML entities beyond the
-// common ones, or Latin-1 supplement characters, where ftfy repairs mojibake and C++ does not.
+// common ones, Latin-1 supplement characters (where ftfy repairs mojibake), or characters that NFC
+// composes or reorders.
 bool cleaning_is_approximate(const std::string& text);
 
 class Tokenizer {
