@@ -52,10 +52,15 @@ for mod in sentencepiece:libsentencepiece-dev nlohmann_json:nlohmann-json3-dev l
     missing+=("${mod#*:}")
   fi
 done
+# Optional: OpenSSL's libcrypto hashes bundles several times faster than the portable code.
+if [ "$INSTALL_DEPS" = 1 ] && command -v pkg-config >/dev/null 2>&1 && ! pkg-config --exists libcrypto; then
+  missing+=(libssl-dev)
+fi
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$INSTALL_DEPS" = 1 ]; then
     [ "$(id -u)" = 0 ] || die "installing ${missing[*]} needs root; run: sudo apt-get install -y ${missing[*]}"
     say "installing Debian packages: ${missing[*]}"
+    apt-get update -qq >/dev/null 2>&1 || true  # a fresh machine may have no package lists yet
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null \
       || die "apt-get install ${missing[*]} failed; run it by hand to see why"
   else
@@ -63,6 +68,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
 fi
 say "tools and Debian packages: present (sentencepiece $(pkg-config --modversion sentencepiece), FFmpeg libavcodec $(pkg-config --modversion libavcodec))"
+pkg-config --exists libcrypto || say "note: libssl-dev is not installed; bundle hashes use the slower portable sha256 (apt-get install -y libssl-dev)"
 
 # --- ONNX Runtime's library, from the Python wheel --------------------------------------------------
 if [ -z "$PYTHON" ]; then

@@ -1,7 +1,12 @@
-// SHA-256 as specified in FIPS 180-4 (sections 4.1.2, 5.3.3, 6.2).
+// SHA-256 as specified in FIPS 180-4 (sections 4.1.2, 5.3.3, 6.2), and the OpenSSL EVP wrapper.
 #include "sha256.hpp"
 
 #include <cstring>
+#include <stdexcept>
+
+#ifdef TURBOTRT_WITH_OPENSSL
+#include <openssl/evp.h>
+#endif
 
 namespace turbotrt {
 namespace {
@@ -20,10 +25,10 @@ inline uint32_t rotr(uint32_t x, int n) { return (x >> n) | (x << (32 - n)); }
 
 }  // namespace
 
-Sha256::Sha256()
+PortableSha256::PortableSha256()
     : h_{0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19} {}
 
-void Sha256::block(const uint8_t* p) {
+void PortableSha256::block(const uint8_t* p) {
   uint32_t w[64];
   for (int i = 0; i < 16; ++i)
     w[i] = uint32_t(p[4 * i]) << 24 | uint32_t(p[4 * i + 1]) << 16 | uint32_t(p[4 * i + 2]) << 8 | p[4 * i + 3];
@@ -41,7 +46,7 @@ void Sha256::block(const uint8_t* p) {
   h_[0] += a; h_[1] += b; h_[2] += c; h_[3] += d; h_[4] += e; h_[5] += f; h_[6] += g; h_[7] += h;
 }
 
-void Sha256::update(const void* data, size_t size) {
+void PortableSha256::update(const void* data, size_t size) {
   const uint8_t* p = static_cast<const uint8_t*>(data);
   total_ += size;
   if (used_) {
@@ -57,17 +62,67 @@ void Sha256::update(const void* data, size_t size) {
   used_ = size;
 }
 
-std::string Sha256::hexdigest() {
+std::string PortableSha256::hexdigest() {
+  static const char* hex = "0123456789abcdef";
   uint64_t bits = total_ * 8;
   uint8_t pad[72] = {0x80};
   size_t n = (used_ < 56 ? 56 - used_ : 120 - used_);
   for (int i = 0; i < 8; ++i) pad[n + i] = uint8_t(bits >> (56 - 8 * i));
   update(pad, n + 8);
-  static const char* hex = "0123456789abcdef";
   std::string out;
   for (uint32_t v : h_)
     for (int s = 28; s >= 0; s -= 4) out += hex[(v >> s) & 15];
   return out;
+}
+
+Sha256::Sha256() {
+#ifdef TURBOTRT_WITH_OPENSSL
+  EVP_MD_CTX* ctx = EVP_MD_CTX_new();
+  if (!ctx || EVP_DigestInit_ex(ctx, EVP_sha256(), nullptr) != 1) {
+    EVP_MD_CTX_free(ctx);
+    throw std::runtime_error("OpenSSL cannot start a sha256");
+  }
+  evp_ = ctx;
+#endif
+}
+
+Sha256::~Sha256() {
+#ifdef TURBOTRT_WITH_OPENSSL
+  EVP_MD_CTX_free(static_cast<EVP_MD_CTX*>(evp_));
+#endif
+}
+
+const char* Sha256::implementation() {
+#ifdef TURBOTRT_WITH_OPENSSL
+  return "OpenSSL";
+#else
+  return "portable";
+#endif
+}
+
+void Sha256::update(const void* data, size_t size) {
+#ifdef TURBOTRT_WITH_OPENSSL
+  if (EVP_DigestUpdate(static_cast<EVP_MD_CTX*>(evp_), data, size) != 1) throw std::runtime_error("OpenSSL sha256 failed");
+#else
+  portable_.update(data, size);
+#endif
+}
+
+std::string Sha256::hexdigest() {
+#ifdef TURBOTRT_WITH_OPENSSL
+  static const char* hex = "0123456789abcdef";
+  unsigned char md[32];
+  unsigned int n = 0;
+  if (EVP_DigestFinal_ex(static_cast<EVP_MD_CTX*>(evp_), md, &n) != 1 || n != 32) throw std::runtime_error("OpenSSL sha256 failed");
+  std::string out;
+  for (unsigned char b : md) {
+    out += hex[b >> 4];
+    out += hex[b & 15];
+  }
+  return out;
+#else
+  return portable_.hexdigest();
+#endif
 }
 
 std::string sha256_hex(const void* data, size_t size) {

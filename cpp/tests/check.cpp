@@ -6,6 +6,7 @@
 //                                                    PREFIX.times.npy (f8), .net.npy (f4), .sin.npy (f4)
 //   turbotrt_check tokenize MODEL TEXT_LEN < prompts.json
 //                                                    [{"ids": [...], "clean": str, "approximate": bool}, ...]
+//   turbotrt_check sha256 FILE                        the digest (as bundles are hashed) and the portable code's
 //   turbotrt_check load BUNDLE [--no-verify]          "ok", or the refusal on stderr (exit 1)
 //   turbotrt_check engine BUNDLE NETWORK FLAVOUR TARGET VERSION
 //                                                    the engine's path, or the refusal (exit 1)
@@ -22,6 +23,7 @@
 #include "noise.hpp"
 #include "npy.hpp"
 #include "rcm.hpp"
+#include "sha256.hpp"
 #include "tokenizer.hpp"
 
 using namespace turbotrt;
@@ -75,6 +77,13 @@ int run(const std::vector<std::string>& a) {
       out.push_back({{"ids", ids}, {"clean", clean_text(text)}, {"approximate", cleaning_is_approximate(text)}});
     }
     std::cout << out.dump() << "\n";
+    return 0;
+  }
+  if (cmd == "sha256" && a.size() == 2) {
+    auto raw = read_file(a[1]);
+    PortableSha256 portable;
+    portable.update(raw.data(), raw.size());
+    std::cout << sha256_file(a[1]) << " " << portable.hexdigest() << " " << Sha256::implementation() << "\n";
     return 0;
   }
   if (cmd == "load" && (a.size() == 2 || (a.size() == 3 && a[2] == "--no-verify"))) {
