@@ -6,7 +6,7 @@
 # Idempotent: a second run only checks what is there and lets CMake rebuild what changed.
 # What it needs, and where it gets it:
 #   cmake, g++, pkg-config, sentencepiece, nlohmann-json, FFmpeg   Debian packages (--install-deps
-#                                                                   installs the missing ones; root)
+#   (and optionally OpenSSL's libcrypto)                            installs the missing ones; root)
 #   ONNX Runtime's shared library   the `onnxruntime` wheel of PYTHON (default: the repo's .venv);
 #                                   symlinked under cpp/build/deps as libonnxruntime.so.1 (its SONAME)
 #   ONNX Runtime's C/C++ headers    ORT_INCLUDE_DIR, else /usr/include/onnxruntime (Debian 13's
@@ -35,7 +35,7 @@ while [ $# -gt 0 ]; do
     --install-deps) INSTALL_DEPS=1 ;;
     --tensorrt) [ $# -ge 2 ] || die "--tensorrt needs a folder"; TENSORRT=$2; shift ;;
     --python) [ $# -ge 2 ] || die "--python needs an interpreter"; PYTHON=$2; shift ;;
-    -h|--help) sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) die "unknown option $1 (see cpp/build.sh --help)" ;;
   esac
   shift
