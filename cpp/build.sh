@@ -42,16 +42,19 @@ while [ $# -gt 0 ]; do
 done
 
 # --- Debian packages -------------------------------------------------------------------------------
-missing=()
-for tool in cmake:cmake g++:g++ pkg-config:pkg-config make:make; do
-  command -v "${tool%%:*}" >/dev/null 2>&1 || missing+=("${tool#*:}")
-done
-for mod in sentencepiece:libsentencepiece-dev nlohmann_json:nlohmann-json3-dev libavformat:libavformat-dev \
-           libavcodec:libavcodec-dev libswscale:libswscale-dev libavutil:libavutil-dev; do
-  if ! command -v pkg-config >/dev/null 2>&1 || ! pkg-config --exists "${mod%%:*}"; then
-    missing+=("${mod#*:}")
-  fi
-done
+find_missing() {
+  missing=()
+  for tool in cmake:cmake g++:g++ pkg-config:pkg-config make:make; do
+    command -v "${tool%%:*}" >/dev/null 2>&1 || missing+=("${tool#*:}")
+  done
+  for mod in sentencepiece:libsentencepiece-dev nlohmann_json:nlohmann-json3-dev libavformat:libavformat-dev \
+             libavcodec:libavcodec-dev libswscale:libswscale-dev libavutil:libavutil-dev; do
+    if ! command -v pkg-config >/dev/null 2>&1 || ! pkg-config --exists "${mod%%:*}"; then
+      missing+=("${mod#*:}")
+    fi
+  done
+}
+find_missing
 # Optional: OpenSSL's libcrypto hashes bundles several times faster than the portable code.
 if [ "$INSTALL_DEPS" = 1 ] && command -v pkg-config >/dev/null 2>&1 && ! pkg-config --exists libcrypto; then
   missing+=(libssl-dev)
@@ -63,6 +66,8 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -qq >/dev/null 2>&1 || true  # a fresh machine may have no package lists yet
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null \
       || die "apt-get install ${missing[*]} failed; run it by hand to see why"
+    find_missing
+    [ ${#missing[@]} -eq 0 ] || die "still missing after apt-get install: ${missing[*]} (pkg-config cannot find them)"
   else
     die "missing Debian packages: ${missing[*]}; install them with: apt-get install -y ${missing[*]} (or run cpp/build.sh --install-deps as root)"
   fi
