@@ -144,13 +144,13 @@ def test_tokenizer_matches_python(cpp, t2v):
 
 # --- whole pipelines ------------------------------------------------------------------------------------
 
-def _python_run(bundle, prompt, seed, steps, image=None):
+def _python_run(bundle, prompt, seed, steps, image=None, ode=False):
     from turbotrt.runtime.pipeline import Pipeline
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pipe = Pipeline.from_bundle(bundle, backend="ort", log=lambda *_: None)
-        return pipe(prompt, seed=seed, steps=steps, image=image)
+        return pipe(prompt, seed=seed, steps=steps, image=image, ode=ode)
 
 
 def _compare(result, latents_path, frames_path):
@@ -193,6 +193,11 @@ def test_image_to_video_matches_python(cpp, i2v, tmp_path):
     raw = (tmp_path / "v.y4m").read_bytes()
     t = want.frames.shape[0]
     assert raw.startswith(b"YUV4MPEG2 W%d H%d F16:1" % (w, h)) and raw.count(b"FRAME\n") == t
+    # --ode: deterministic Euler steps instead of rCM's stochastic ones
+    want = _python_run(i2v, "a cat walks", seed=3, steps=2, image=image, ode=True)
+    cpp("turbotrt_run", i2v, "--prompt", "a cat walks", "--seed", 3, "--steps", 2, "--image", tmp_path / "first.ppm",
+        "--ode", "--out", tmp_path / "v.y4m", "--save-latents", tmp_path / "l.npy", "--save-frames", tmp_path / "f.npy")
+    _compare(want, tmp_path / "l.npy", tmp_path / "f.npy")
 
 
 def test_run_errors_are_one_line(cpp, t2v, i2v, tmp_path):
