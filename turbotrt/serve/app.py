@@ -32,17 +32,21 @@ def build_app(facts: BundleFacts, config: ServeConfig):
     return VideoAPI.bind(facts, config, **stages)
 
 
-def serve(bundle, config: ServeConfig, log=print, block: bool = True) -> str:
+def serve(bundle, config: ServeConfig, log=print, block: bool = True, stage_flags=()) -> str:
     """Deploy `bundle`; returns the base URL once every replica is up (with `block`, serves until Ctrl-C).
 
     Joins the Ray cluster at `config.address` (or RAY_ADDRESS, or the one `ray start` began on
     this node) or, with none, starts a local Ray instance, which stops when this returns or ends.
+    `stage_flags`: stages named on the command line, which must exist in this bundle.
     """
     try:
         facts = BundleFacts.load(bundle, verify=config.verify)
     except BundleError as e:
         raise ServeError(str(e)) from None
-    if "image_encoder" in config.stages and not facts.i2v and config.stages["image_encoder"] != ServeConfig().stages["image_encoder"]:
+    unused = [s for s in config.stages if s not in facts.stages]
+    if any(s in unused for s in stage_flags):
+        raise ServeError(f"{facts.name} is text-to-video: it has no image_encoder stage to configure")
+    if any(config.stages[s] != ServeConfig().stages[s] for s in unused):
         log(f"note: the image_encoder settings are unused: {facts.name} is text-to-video")
     started = connect(config, log)
     try:
