@@ -284,6 +284,7 @@ class VideoAPI:
                     raise StageFailed(f"{reason}; gave up after {attempt + 1} tries") from None
                 job.retries.append(reason + "; sent again")
                 self.store.save(job)
+                await asyncio.sleep(0.5 * (attempt + 1))  # a replica that is only unreachable may come back
                 continue
             except StageFailed:
                 raise
