@@ -19,6 +19,7 @@ says why.
 
 
 import asyncio
+import logging
 import time
 
 import ray
@@ -34,6 +35,7 @@ from turbotrt.serve.facts import BundleFacts
 from turbotrt.serve.jobs import COMPLETED, FAILED, FINISHED, IN_PROGRESS, Busy, Job, JobStore, NotFound
 from turbotrt.serve.validation import BadRequest, VideoRequest, check, parse_form, parse_json
 
+logger = logging.getLogger("ray.serve")
 HEAD_NODE = "node:__internal_head__"  # a resource only the head node has
 # Errors that mean "the replica (or its node) went away", not "the stage's code failed".
 REPLICA_LOST = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
@@ -106,6 +108,9 @@ class VideoAPI:
         self.tokenizer = Tokenizer(facts.tokenizer, text_len=facts.text_len)
         self.store = JobStore(config.jobs_path, facts.name, facts.digest, config.queue_size, config.max_results,
                               config.result_ttl_s)
+        if self.store.unreadable:
+            logger.warning(f"{config.jobs_path}: left alone {len(self.store.unreadable)} job records this version "
+                           f"cannot read: {', '.join(self.store.unreadable[:5])}")
         self.done: dict[str, asyncio.Event] = {}
         self.tasks: set[asyncio.Task] = set()
         for job in self.store.unfinished():

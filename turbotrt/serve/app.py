@@ -32,11 +32,12 @@ def build_app(facts: BundleFacts, config: ServeConfig):
     return VideoAPI.bind(facts, config, **stages)
 
 
-def serve(bundle, config: ServeConfig, log=print, block: bool = True, stage_flags=()) -> str:
+def serve(bundle, config: ServeConfig, log=print, block: bool = True, start_ray: bool = True, stage_flags=()) -> str:
     """Deploy `bundle`; returns the base URL once every replica is up (with `block`, serves until Ctrl-C).
 
     Joins the Ray cluster at `config.address` (or RAY_ADDRESS, or the one `ray start` began on
-    this node) or, with none, starts a local Ray instance, which stops when this returns or ends.
+    this node) or, with none and `start_ray`, starts a local Ray instance, which stops when this
+    returns (with `block`) or when this process ends.
     `stage_flags`: stages named on the command line, which must exist in this bundle.
     """
     try:
@@ -48,7 +49,7 @@ def serve(bundle, config: ServeConfig, log=print, block: bool = True, stage_flag
         raise ServeError(f"{facts.name} is text-to-video: it has no image_encoder stage to configure")
     if any(config.stages[s] != ServeConfig().stages[s] for s in unused):
         log(f"note: the image_encoder settings are unused: {facts.name} is text-to-video")
-    started = connect(config, log)
+    started = connect(config, log, start_ray)
     try:
         for note in check_resources(facts, config):
             log(f"note: {note}")
@@ -90,7 +91,7 @@ def serve(bundle, config: ServeConfig, log=print, block: bool = True, stage_flag
     return url
 
 
-def connect(config: ServeConfig, log=print) -> bool:
+def connect(config: ServeConfig, log=print, start_ray: bool = True) -> bool:
     """Join a Ray cluster or start a local instance; True when this call started one."""
     if ray.is_initialized():
         return False
@@ -106,6 +107,8 @@ def connect(config: ServeConfig, log=print) -> bool:
         log(f"joined the running Ray cluster: {_cluster_text()}")
         return False
     except ConnectionError:
+        if not start_ray:
+            raise ServeError("no running Ray cluster to deploy on: `ray start --head` first, or pass --address") from None
         ray.init()
         log(f"started a local Ray instance: {_cluster_text()}")
         return True

@@ -43,7 +43,7 @@ def _ray_missing() -> bool:
 @click.option("--jobs-dir", type=click.Path(file_okay=False), default=None,
               help="Where jobs and videos are kept, on the head node [<tmp>/turbotrt-serve/turbotrt].")
 @click.option("--detach", is_flag=True,
-              help="Deploy on the running cluster (--address, or `ray start`) and return; `serve shutdown` stops it.")
+              help="Deploy on a running cluster (--address, or `ray start`'s) and return; `serve delete APP` stops it.")
 def serve_command(bundle, config_path, host, port, address, replicas, gpus, backend, verify, queue_size, jobs_dir,
                   detach):
     """Serve BUNDLE over HTTP on Ray Serve: each stage (text encoder, image encoder for I2V, DiT steps,
@@ -73,21 +73,11 @@ def serve_command(bundle, config_path, host, port, address, replicas, gpus, back
             set_stage(config, stage, {"ray_actor_options": {"num_gpus": f}}, "--gpus")
     except ConfigError as e:
         raise click.BadParameter(str(e)) from None
-    if detach and not (config.address or _ray_running()):
-        raise click.UsageError("--detach needs a running Ray cluster to leave the service on: `ray start --head` "
-                               "first (or pass --address)")
     try:
-        serve(bundle, config, log=click.echo, block=not detach, stage_flags=[a.partition("=")[0] for a in replicas + gpus])
+        serve(bundle, config, log=click.echo, block=not detach, start_ray=not detach,
+              stage_flags=[a.partition("=")[0] for a in replicas + gpus])
     except ServeError as e:
         raise click.ClickException(str(e)) from None
     if detach:
         click.echo(f"left running on the cluster as app {config.app_name!r}; `serve status` shows it, "
                    f"`serve delete {config.app_name}` stops it")
-
-
-def _ray_running() -> bool:
-    import os
-
-    from ray._private.services import find_gcs_addresses  # the clusters `ray start` began on this node
-
-    return bool(os.environ.get("RAY_ADDRESS") or find_gcs_addresses())

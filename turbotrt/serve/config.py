@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import os
 import tempfile
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 STAGES = ("text_encoder", "image_encoder", "denoiser", "decoder")
@@ -70,9 +70,6 @@ class ServeConfig:
         actor = o.get("ray_actor_options", {})
         res = ", ".join(f"{k} {actor[k]}" for k in ("num_gpus", "num_cpus") if actor.get(k))
         return f"{count}" + (f", {res} each" if res else "")
-
-    def to_dict(self) -> dict:
-        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)}
 
 
 _TYPES = {"host": str, "port": int, "route_prefix": str, "app_name": str, "address": (str, type(None)),
@@ -168,8 +165,8 @@ def parse_assignments(values: tuple[str, ...], what: str, kind) -> dict[str, flo
 
 
 def _type_name(t) -> str:
-    names = {str: "a string", int: "an integer", bool: "true or false", dict: "a mapping", type(None): "null",
-             float: "a number"}
-    if isinstance(t, tuple):
-        return " or ".join(dict.fromkeys(names[x] if x is not int or float not in t else "a number" for x in t))
-    return names[t]
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false", dict: "a mapping",
+             type(None): "null"}
+    if t == (int, float):
+        return "a number"
+    return " or ".join(names[x] for x in t) if isinstance(t, tuple) else names[t]

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from turbotrt.bundle import MANIFEST, Bundle
-from turbotrt.runtime.rcm import MAX_STEPS
 
 # Which graphs each stage runs, by name prefix; a replica loads only its own.
 STAGE_GRAPHS = {
@@ -29,7 +28,6 @@ class BundleFacts:
     frames: int
     text_len: int
     tokenizer: str
-    max_steps: int
     digest: str  # sha256 of manifest.json, which itself holds the sha256 of every file
     networks: tuple[str, ...]
 
@@ -46,7 +44,6 @@ class BundleFacts:
             frames=profile["frames"],
             text_len=model["text_len"],
             tokenizer=str(bundle.tokenizer.resolve()),
-            max_steps=MAX_STEPS,
             digest=hashlib.sha256((bundle.root / MANIFEST).read_bytes()).hexdigest(),
             networks=tuple(bundle.networks),
         )

@@ -100,10 +100,14 @@ class JobStore:
         self.clock = clock
         self.jobs: dict[str, Job] = {}
         self.durations: deque[float] = deque(maxlen=32)  # recent job wall times, for Retry-After
+        self.unreadable: list[str] = []  # records another version wrote, or damaged: left alone, reported
         for folder in sorted(self.root.iterdir()):
             record = folder / "job.json"
             if ID_PATTERN.fullmatch(folder.name) and record.is_file():
-                self.jobs[folder.name] = Job(**json.loads(record.read_text()))
+                try:
+                    self.jobs[folder.name] = Job(**json.loads(record.read_text()))
+                except (ValueError, TypeError):
+                    self.unreadable.append(folder.name)
 
     # --- what a restarted replica finds --------------------------------------------------------------
     def unfinished(self) -> list[Job]:
