@@ -179,7 +179,7 @@ def main():
     facts["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     manifest = json.loads((bundle / "manifest.json").read_text())
     result = {
-        "command": "python benchmarks/serve_load.py " + " ".join(sys.argv[1:]),
+        "command": " ".join(["python benchmarks/serve_load.py", *sys.argv[1:]]),
         "machine": facts,
         "bundle": {"model": manifest["model"]["name"], "profile": manifest["profile"]["name"],
                    "precision": manifest["precision"], "steps": a.steps},

@@ -361,6 +361,31 @@ def test_a_replica_killed_mid_request_is_retried_and_the_service_keeps_serving(t
     assert call("POST", f"{url}/v1/videos/sync", {"prompt": PROMPT, "seed": 1, "steps": 1})[0] == 200
 
 
+@needs_ray
+def test_jobs_survive_a_restart_of_the_api_replica(t2v, ray_instance, tmp_path):
+    url, pipe = t2v
+    seeds = [300, 301, 302]
+    ids = [call("POST", f"{url}/v1/videos", {"prompt": PROMPT, "seed": s, "steps": 2})[2]["id"] for s in seeds]
+    kill_replica(ray_instance, "t2v", "VideoAPI")  # the replica that drives the jobs and answers HTTP
+    deadline, jobs = time.monotonic() + JOB_TIMEOUT_S, {}
+    while len(jobs) < len(ids) and time.monotonic() < deadline:
+        for job_id in set(ids) - set(jobs):
+            try:
+                status, _, job = call("GET", f"{url}/v1/videos/{job_id}", timeout=10)
+            except OSError:  # the proxy has no replica to send it to until the new one is up
+                continue
+            if status == 200 and job["status"] in ("completed", "failed"):
+                jobs[job_id] = job
+        time.sleep(0.1)
+    assert [jobs.get(i, {}).get("status") for i in ids] == ["completed"] * len(ids), jobs
+    resumed = [j for j in jobs.values() if j["attempts"] == 2]
+    assert resumed, f"no job was running when the API replica was killed: {jobs}"
+    assert all(j["retries"] == ["api: the API replica restarted; the job starts again"] for j in resumed), resumed
+    for seed, job_id in zip(seeds, ids):
+        mp4 = call("GET", f"{url}/v1/videos/{job_id}/content")[2]
+        np.testing.assert_array_equal(served_frames(mp4, tmp_path), reference_frames(pipe, tmp_path, seed, steps=2))
+
+
 # --- image to video -----------------------------------------------------------------------------------------
 @needs_ray
 def test_i2v_json_and_multipart_equal_the_runtime(i2v, tmp_path):
