@@ -7,6 +7,8 @@ own replicas, autoscaling and `ray_actor_options` (GPUs per replica).
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 from collections import defaultdict
 
@@ -77,18 +79,31 @@ def serve(bundle, config: ServeConfig, log=print, block: bool = True, start_ray:
         raise
     if not block:
         return url
+    _interrupt_on_termination()
     try:
-        log("Ctrl-C stops the service")
+        log("Ctrl-C (or SIGTERM) stops the service")
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         log(f"stopping {config.app_name}")
     finally:
-        ray_serve.delete(config.app_name)
         if started:
-            ray_serve.shutdown()
-            ray.shutdown()
+            ray.shutdown()  # the local instance, Serve and every replica with it
+        else:
+            ray_serve.delete(config.app_name)  # our app only: the cluster is someone else's
     return url
+
+
+def _interrupt_on_termination() -> None:
+    """SIGTERM and SIGHUP (service managers, a closed terminal) stop the service as Ctrl-C does."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupt)
 
 
 def connect(config: ServeConfig, log=print, start_ray: bool = True) -> bool:
