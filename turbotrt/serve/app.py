@@ -114,7 +114,9 @@ def connect(config: ServeConfig, log=print, start_ray: bool = True) -> bool:
         try:
             ray.init(address=config.address)
         except (ConnectionError, ValueError, RuntimeError) as e:
-            raise ServeError(f"cannot join the Ray cluster at {config.address}: {_first_line(e)}") from None
+            raise ServeError(f"cannot join the Ray cluster at {config.address}: {_first_line(e)} (a cluster begun by "
+                             f"`ray start` checks a token: export RAY_AUTH_MODE=token and RAY_AUTH_TOKEN=`ray "
+                             f"get-auth-token` of the head)") from None
         log(f"joined the Ray cluster at {config.address}: {_cluster_text()}")
         return False
     try:
