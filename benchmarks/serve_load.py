@@ -135,7 +135,7 @@ def main():
         bundle = work / "wan-tiny"
         print(f"exporting wan-tiny (fp32, ONNX only) to {bundle}", flush=True)
         subprocess.run([sys.executable, "-m", "turbotrt.cli", "export", "wan-tiny", "--out", str(bundle),
-                        "--precision", "fp32", "--onnx-only", "--no-validate"], check=True, stdout=subprocess.DEVNULL)
+                        "--precision", "fp32", "--no-validate"], check=True, stdout=subprocess.DEVNULL)
     facts = machine()
     print(f"machine: {facts['cpu']}, {facts['cores']} cores, {facts['ram_gib']} GiB, no GPU; load average "
           f"{facts['load_average_at_start']} (others' work on a shared machine slows every figure alike)", flush=True)
@@ -177,12 +177,14 @@ def main():
         ray.shutdown()
 
     facts["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    manifest = json.loads((bundle / "manifest.json").read_text())
+    from turbotrt.core.bundle import Bundle
+
+    bundle_info = Bundle.load(bundle, verify=False)
     result = {
         "command": " ".join(["python benchmarks/serve_load.py", *sys.argv[1:]]),
         "machine": facts,
-        "bundle": {"model": manifest["model"]["name"], "profile": manifest["profile"]["name"],
-                   "precision": manifest["precision"], "steps": a.steps},
+        "bundle": {"model": bundle_info.model.name, "profile": bundle_info.profile.name,
+                   "precision": bundle_info.precision, "steps": a.steps},
         "ray_cpus": a.cpus,
         "baseline": base,
         "baseline_no_spin": no_spin,

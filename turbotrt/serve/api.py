@@ -100,7 +100,7 @@ _MP4 = {"description": "The video", "content": {"video/mp4": {}}}
 class VideoAPI:
     async def __init__(self, facts: BundleFacts, config: ServeConfig, text_encoder, denoiser, decoder,
                        image_encoder=None):
-        from turbotrt.models.tokenizer import Tokenizer
+        from turbotrt.core.tokenizer import Tokenizer
 
         self.facts, self.config = facts, config
         self.stages = {"text_encoder": text_encoder, "image_encoder": image_encoder, "denoiser": denoiser,

@@ -15,14 +15,14 @@ from collections import defaultdict
 import ray
 from ray import serve as ray_serve
 
-from turbotrt.bundle import BundleError
+from turbotrt.core.errors import BundleError, TurbotrtError
 from turbotrt.serve.api import HEAD_NODE, VideoAPI
 from turbotrt.serve.config import ServeConfig
 from turbotrt.serve.facts import BundleFacts
 from turbotrt.serve.stages import STAGE_DEPLOYMENTS
 
 
-class ServeError(RuntimeError):
+class ServeError(TurbotrtError):
     """Why the service cannot start, in one line."""
 
 

@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from turbotrt.bundle import MANIFEST, Bundle
+from turbotrt.core.bundle import MANIFEST, Bundle
 
 # Which graphs each stage runs, by name prefix; a replica loads only its own.
 STAGE_GRAPHS = {
@@ -37,12 +37,12 @@ class BundleFacts:
         model, profile = bundle.model, bundle.profile
         return cls(
             path=str(Path(path).resolve()),
-            name=model["name"],
-            i2v=model["in_dim"] != model["out_dim"],
-            width=profile["width"],
-            height=profile["height"],
-            frames=profile["frames"],
-            text_len=model["text_len"],
+            name=model.name,
+            i2v=model.is_i2v,
+            width=profile.width,
+            height=profile.height,
+            frames=profile.frames,
+            text_len=model.text_len,
             tokenizer=str(bundle.tokenizer.resolve()),
             digest=hashlib.sha256((bundle.root / MANIFEST).read_bytes()).hexdigest(),
             networks=tuple(bundle.networks),

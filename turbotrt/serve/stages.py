@@ -23,7 +23,7 @@ import ray
 from ray import serve
 
 from turbotrt.runtime.pipeline import Pipeline, Result
-from turbotrt.runtime.video import latents_video_to_uint8
+from turbotrt.core.video import latents_video_to_uint8
 from turbotrt.serve.facts import BundleFacts
 
 logger = logging.getLogger("ray.serve")

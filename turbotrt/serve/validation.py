@@ -15,12 +15,12 @@ import json
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from turbotrt.runtime.rcm import MAX_STEPS
+from turbotrt.core.rcm import MAX_STEPS
 from turbotrt.serve.facts import BundleFacts
 from turbotrt.serve.jobs import JobRequest
 
 MAX_PROMPT_CHARS = 10_000  # a cheap bound before tokenizing; the text encoder's token limit is the real one
-MAX_SEED = 2**63 - 1
+MAX_SEED = 2**64 - 1  # the Philox noise stream's key
 
 
 class BadRequest(Exception):
@@ -88,7 +88,7 @@ def _explain(error: dict) -> tuple[str, str | None]:
     if field == "steps" and kind in ("greater_than_equal", "less_than_equal"):
         return f"steps must be 1 to {MAX_STEPS} (rCM samples in 1 to {MAX_STEPS} steps); got {value}", field
     if field == "seed" and kind in ("greater_than_equal", "less_than_equal"):
-        return f"seed must be 0 to 2^63-1; got {value}", field
+        return f"seed must be 0 to 2^64-1; got {value}", field
     if field == "prompt" and kind == "string_too_short":
         return "prompt is empty", field
     if field == "prompt" and kind == "string_too_long":
