@@ -20,6 +20,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -193,6 +194,7 @@ def main():
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"recorded in {a.out}")
+    shutil.rmtree(work, ignore_errors=True)  # the exported bundle, jobs and videos
 
 
 if __name__ == "__main__":

@@ -221,24 +221,46 @@ def first_frame(h=64, w=128) -> np.ndarray:
     return np.stack([x * 255 // w, y * 255 // h, (x + y) % 256], axis=-1).astype(np.uint8)
 
 
-def kill_replica(ray, app, deployment) -> str:
+def replica(ray, app, deployment):
+    """The (only) replica actor of a deployment, resolved before the moment to kill it."""
     for actor in ray.util.list_named_actors(all_namespaces=True):
         if actor["name"].startswith(f"SERVE_REPLICA::{app}#{deployment}#"):
-            ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
-            return actor["name"]
+            return ray.get_actor(actor["name"], namespace=actor["namespace"])
     raise AssertionError(f"no replica of {deployment} in {app}")
 
 
-def kill_on_first_step(ray, url, app, job_ids, timeout=JOB_TIMEOUT_S) -> str:
-    """Kill the DiT replica as soon as one job reports a step: it is mid-request, others queue behind it."""
+DEPLOYMENTS = {"text_encoder": "TextEncoder", "image_encoder": "ImageEncoder", "denoiser": "Denoiser",
+               "decoder": "Decoder"}
+
+
+def kill_mid_steps(ray, url, app, job_ids, timeout=JOB_TIMEOUT_S) -> None:
+    """Kill the DiT replica the moment a job is seen between two of its steps: the replica is running
+    that job (one request at a time) and the other jobs queue behind it."""
+    actor = replica(ray, app, "Denoiser")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for job_id in job_ids:
             job = call("GET", f"{url}/v1/videos/{job_id}")[2]
-            if job["stage"] == "denoiser" and job["step"] >= 1:
-                return kill_replica(ray, app, "Denoiser")
-        time.sleep(0.01)
-    raise AssertionError("no job reached the DiT")
+            if job["stage"] == "denoiser" and 1 <= job["step"] < job["steps"]:
+                ray.kill(actor, no_restart=True)
+                return
+        time.sleep(0.005)
+    raise AssertionError("no job was seen between DiT steps")
+
+
+def kill_stage_with_backlog(ray, url, app, job_ids, stages, timeout=JOB_TIMEOUT_S) -> str:
+    """Kill the replica of the first of `stages` that two unfinished jobs were sent to: it runs one of
+    them, the other waits. Returns the stage."""
+    actors = {stage: replica(ray, app, DEPLOYMENTS[stage]) for stage in stages}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        jobs = [call("GET", f"{url}/v1/videos/{job_id}")[2] for job_id in job_ids]
+        for stage in stages:
+            if sum(j["stage"] == stage and j["status"] == "in_progress" for j in jobs) >= 2:
+                ray.kill(actors[stage], no_restart=True)
+                return stage
+        time.sleep(0.005)
+    raise AssertionError(f"no stage of {stages} had two jobs at once")
 
 
 # --- text to video ---------------------------------------------------------------------------------------
@@ -276,12 +298,12 @@ def test_eight_concurrent_requests_all_complete_correctly(t2v, tmp_path):
     seeds = list(range(100, 108))
     start = time.monotonic()
     with ThreadPoolExecutor(len(seeds)) as pool:
-        answers = list(pool.map(lambda s: call("POST", f"{url}/v1/videos/sync", {"prompt": PROMPT, "seed": s, "steps": 2},
+        answers = list(pool.map(lambda s: call("POST", f"{url}/v1/videos/sync", {"prompt": PROMPT, "seed": s, "steps": 4},
                                                timeout=JOB_TIMEOUT_S), seeds))
     wall = time.monotonic() - start
     assert [a[0] for a in answers] == [200] * len(seeds), [a[2] for a in answers if a[0] != 200]
     for seed, (_, _, mp4) in zip(seeds, answers):
-        np.testing.assert_array_equal(served_frames(mp4, tmp_path), reference_frames(pipe, tmp_path, seed, steps=2))
+        np.testing.assert_array_equal(served_frames(mp4, tmp_path), reference_frames(pipe, tmp_path, seed))
     assert len({a[2] for a in answers}) == len(seeds)
     assert wall < JOB_TIMEOUT_S
 
@@ -330,16 +352,17 @@ def test_bad_bodies_and_unknown_ids(t2v):
 def test_a_replica_killed_mid_request_is_retried_and_the_service_keeps_serving(t2v, ray_instance, tmp_path):
     url, pipe = t2v
     seeds = list(range(100, 106))  # the concurrent test's: their references are made already
-    ids = [call("POST", f"{url}/v1/videos", {"prompt": PROMPT, "seed": s, "steps": 2})[2]["id"] for s in seeds]
-    killed = kill_on_first_step(ray_instance, url, "t2v", ids)
+    # 4 steps each: the DiT, fed faster than it steps, has a backlog while the first job is mid-steps
+    ids = [call("POST", f"{url}/v1/videos", {"prompt": PROMPT, "seed": s, "steps": 4})[2]["id"] for s in seeds]
+    kill_mid_steps(ray_instance, url, "t2v", ids)
     jobs = [wait_done(url, i) for i in ids]
     assert [j["status"] for j in jobs] == ["completed"] * len(ids), jobs
     retried = [j for j in jobs if j["retries"]]
-    assert retried, f"killing {killed} interrupted no job"
+    assert retried, f"killing the DiT replica mid-steps interrupted no job: {jobs}"
     assert all("denoiser: its replica stopped" in r for j in retried for r in j["retries"]), retried
     for seed, job_id in zip(seeds, ids):  # a retried job starts its steps again: same seed, same video
         mp4 = call("GET", f"{url}/v1/videos/{job_id}/content")[2]
-        np.testing.assert_array_equal(served_frames(mp4, tmp_path), reference_frames(pipe, tmp_path, seed, steps=2))
+        np.testing.assert_array_equal(served_frames(mp4, tmp_path), reference_frames(pipe, tmp_path, seed))
     assert call("POST", f"{url}/v1/videos/sync", {"prompt": PROMPT, "seed": 1, "steps": 1})[0] == 200
 
 
@@ -347,8 +370,8 @@ def test_a_replica_killed_mid_request_is_retried_and_the_service_keeps_serving(t
 def test_jobs_survive_a_restart_of_the_api_replica(t2v, ray_instance, tmp_path):
     url, pipe = t2v
     seeds = [100, 101, 102]
-    ids = [call("POST", f"{url}/v1/videos", {"prompt": PROMPT, "seed": s, "steps": 2})[2]["id"] for s in seeds]
-    kill_replica(ray_instance, "t2v", "VideoAPI")  # the replica that drives the jobs and answers HTTP
+    ids = [call("POST", f"{url}/v1/videos", {"prompt": PROMPT, "seed": s, "steps": 4})[2]["id"] for s in seeds]
+    ray_instance.kill(replica(ray_instance, "t2v", "VideoAPI"), no_restart=True)  # it drives the jobs, answers HTTP
     deadline, jobs = time.monotonic() + JOB_TIMEOUT_S, {}
     while len(jobs) < len(ids) and time.monotonic() < deadline:
         for job_id in set(ids) - set(jobs):
@@ -365,7 +388,7 @@ def test_jobs_survive_a_restart_of_the_api_replica(t2v, ray_instance, tmp_path):
     assert all(j["retries"] == ["api: the API replica restarted; the job starts again"] for j in resumed), resumed
     for seed, job_id in zip(seeds, ids):
         mp4 = call("GET", f"{url}/v1/videos/{job_id}/content")[2]
-        np.testing.assert_array_equal(served_frames(mp4, tmp_path), reference_frames(pipe, tmp_path, seed, steps=2))
+        np.testing.assert_array_equal(served_frames(mp4, tmp_path), reference_frames(pipe, tmp_path, seed))
 
 
 # --- image to video -----------------------------------------------------------------------------------------
@@ -412,15 +435,15 @@ def test_full_queue_answers_503_and_a_killed_replica_without_retries_fails_the_j
     ids = [call("POST", f"{url}/v1/videos", dict(body, seed=s))[2]["id"] for s in range(3)]
     status, headers, answer = call("POST", f"{url}/v1/videos", body)
     assert status == 503 and int(headers["Retry-After"]) >= 1 and "queue is full" in answer["error"]["message"]
-    kill_on_first_step(ray_instance, url, "i2v", ids)
+    stage = kill_stage_with_backlog(ray_instance, url, "i2v", ids, ("image_encoder", "denoiser", "decoder"))
     jobs = [wait_done(url, i) for i in ids]
     failed = [j for j in jobs if j["status"] == "failed"]
     assert failed and all(j["status"] in ("completed", "failed") for j in jobs), jobs
     for job in failed:
         assert job["error"]["code"] == "stage_failed"
-        assert job["error"]["message"].startswith("denoiser: its replica stopped (ActorDiedError"), job["error"]
+        assert job["error"]["message"].startswith(f"{stage}: its replica stopped (ActorDiedError"), job["error"]
         status, _, answer = call("GET", f"{url}/v1/videos/{job['id']}/content")
-        assert status == 500 and "failed: denoiser" in answer["error"]["message"]
+        assert status == 500 and f"failed: {stage}" in answer["error"]["message"]
     assert call("POST", f"{url}/v1/videos/sync", body)[0] == 200  # the replacement replica serves
 
 
