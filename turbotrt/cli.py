@@ -692,5 +692,9 @@ def generate(preset, prompt, out, seed, steps, frames, force):
                f"({time.perf_counter() - start:.1f} s)")
 
 
+from turbotrt.serve.cli import serve_command  # noqa: E402 (click only: Ray is imported when the command runs)
+
+main.add_command(serve_command, "serve")
+
 if __name__ == "__main__":
     main()
