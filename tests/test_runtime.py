@@ -116,6 +116,7 @@ def test_engine_for_another_gpu_is_refused(t2v_bundle):
                         library_version="10.13.0", sha256="0" * 64, bytes=1, attention="sagesla-plugin")
     bundle.manifest.engines = {"dit": [entry]}
     assert bundle.engine("dit", "tensorrt", "sm_89", "10.13.0").name == "dit.plan"
+    assert bundle.engine("dit", "tensorrt", "sm_89", "10.13.0.35").name == "dit.plan"  # build number spelled out
     with pytest.raises(BundleError, match="built for sm_89 / tensorrt 10.13.0, but this machine has sm_90"):
         bundle.engine("dit", "tensorrt", "sm_90", "10.13.0")
     with pytest.raises(BundleError, match="--target sm_89"):

@@ -233,14 +233,21 @@ def _gpu_fits(entry: EngineEntry, target: str) -> bool:
     return entry.hardware_compatibility == "ampere_plus" and _sm(target) >= 80
 
 
-def _library_fits(entry: EngineEntry, version: str) -> bool:
-    """Same library, or a version-compatible engine under a newer library of the same major version."""
-    if entry.library_version == version:
-        return True
+def _version(v: str) -> tuple[int, ...] | None:
     try:
-        built, now = (tuple(int(x) for x in v.split(".")[:3]) for v in (entry.library_version, version))
+        return tuple(int(x) for x in v.split(".")[:3])
     except ValueError:
-        return False
+        return None
+
+
+def _library_fits(entry: EngineEntry, version: str) -> bool:
+    """The same library release (major.minor.patch: the build number may be spelled or not), or a
+    version-compatible engine under a newer library of the same major version."""
+    built, now = _version(entry.library_version), _version(version)
+    if built is None or now is None:
+        return entry.library_version == version
+    if built == now:
+        return True
     return entry.version_compatible and now[0] == built[0] and now >= built
 
 
