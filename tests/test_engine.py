@@ -420,7 +420,7 @@ def test_cli_errors_and_help(bundle_dir, monkeypatch, no_gpu):
     assert r.exit_code != 0 and "--dry-run" in r.output
     r = CliRunner().invoke(main, ["build", "--help"])
     assert r.exit_code == 0
-    for text in ("--dry-run", "strongly typed", "--hardware-compatibility", "--weight-stripped", "engines/tensorrt/<target>"):
+    for text in ("--dry-run", "strongly typed", "--hardware-compatibility", "--weight-stripped", "engines/<runtime>/<target>", "tensorrt-rtx"):
         assert text in r.output
 
 

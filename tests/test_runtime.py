@@ -144,7 +144,8 @@ def test_trt_backend_without_tensorrt_is_a_clear_error(t2v_bundle):
         Pipeline.from_bundle(t2v_bundle, backend="trt", **quiet)
     msgs = []
     Pipeline.from_bundle(t2v_bundle, backend="auto", log=msgs.append)
-    assert "ONNX Runtime" in msgs[0] and "TensorRT not used" in msgs[0]  # says which, and why
+    # says which, and why not each engine flavour
+    assert "ONNX Runtime" in msgs[0] and "engines not used: tensorrt:" in msgs[0] and "tensorrt-rtx:" in msgs[0]
 
 
 def test_wrong_inputs_to_the_pipeline(t2v_bundle):

@@ -16,7 +16,6 @@ import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from importlib.util import find_spec
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -20,6 +20,7 @@ import sys
 import click
 
 from turbotrt.build.plan import HARDWARE_COMPATIBILITY
+from turbotrt.build.rtx import TARGETS as RTX_TARGETS
 from turbotrt.calibration.config import MODES, OBSERVERS
 from turbotrt.core.configs import ATTENTION_MODES, PRESETS, RESOLUTIONS
 from turbotrt.core.errors import MissingDependencyError, TurbotrtError
@@ -409,8 +410,12 @@ def calibrate(source, out, mode, attention, text_encoder, tokenizer, checkpoint,
 
 @main.command()
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
-@click.option("--target", default="auto", show_default=True,
-              help=f"GPU the engines are for: auto (this machine's GPU) or {', '.join(SUPPORTED_TARGETS)}.")
+@click.option("--runtime", type=click.Choice(["tensorrt", "tensorrt-rtx"]), default="tensorrt", show_default=True,
+              help="tensorrt: standard TensorRT, SageSLA as the AOT plugin, built on the target GPU. tensorrt-rtx: "
+                   "TensorRT for RTX, built on any machine (no GPU needed), SageSLA as its ONNX function body.")
+@click.option("--target", "targets", multiple=True,
+              help=f"GPU the engines are for (repeat for several with tensorrt-rtx): auto (this machine's GPU), or "
+                   f"tensorrt: {', '.join(SUPPORTED_TARGETS)}; tensorrt-rtx: {', '.join(RTX_TARGETS)}. Default: auto.")
 @click.option("--network", "networks", multiple=True,
               help="Build only this network (repeat for several); default: every network of the bundle.")
 @click.option("--dry-run", is_flag=True,
@@ -418,47 +423,74 @@ def calibrate(source, out, mode, attention, text_encoder, tokenizer, checkpoint,
 @click.option("--plan-out", type=click.Path(dir_okay=False),
               help="Write the plan to this file (atomically); a dry run prints it when this is not given.")
 @click.option("--workspace-gib", type=float, default=None,
-              help="Cap TensorRT's builder workspace, in GiB (default: TensorRT's, the GPU's memory).")
+              help="Cap the builder's workspace, in GiB (default: the builder's).")
 @click.option("--timing-cache", "timing_cache_dir", type=click.Path(file_okay=False), default=None,
-              help="Folder of timing caches, one per GPU and TensorRT version, reused across builds "
+              help="tensorrt: folder of timing caches, one per GPU and TensorRT version, reused across builds "
                    "(default: ~/.cache/turbotrt/timing-cache).")
-@click.option("--no-timing-cache", is_flag=True, help="Neither read nor write a timing cache.")
+@click.option("--no-timing-cache", is_flag=True, help="tensorrt: neither read nor write a timing cache.")
 @click.option("--hardware-compatibility", type=click.Choice(list(HARDWARE_COMPATIBILITY)), default="none",
               show_default=True,
-              help="Engines that also run on other GPUs: ampere_plus (any Ampere or newer) or "
+              help="tensorrt: engines that also run on other GPUs: ampere_plus (any Ampere or newer) or "
                    "same_compute_capability; slower, and the SageSLA kernel stays specific to the building GPU.")
 @click.option("--version-compatible", is_flag=True,
-              help="Engines that newer TensorRT versions (same major) can load, through the lean runtime.")
-@click.option("--refittable", is_flag=True, help="Engines whose weights can be replaced without a rebuild.")
+              help="tensorrt: engines that newer TensorRT versions (same major) can load, through the lean runtime.")
+@click.option("--refittable", is_flag=True, help="tensorrt: engines whose weights can be replaced without a rebuild.")
 @click.option("--weight-stripped", is_flag=True,
-              help="Leave the weights out of the engines (small files); they are refitted from the bundle's "
-                   "ONNX weights when loaded.")
+              help="tensorrt: leave the weights out of the engines (small files); they are refitted from the "
+                   "bundle's ONNX weights when loaded.")
 @click.option("--optimization-level", type=click.IntRange(0, 5), default=None,
-              help="TensorRT builder optimization level, 0-5 (default: TensorRT's, 3); higher builds longer.")
+              help="Builder optimization level, 0-5 (default: the builder's, 3); higher builds longer.")
 @click.option("--tf32", is_flag=True, help="Allow TF32 for fp32 GEMMs (faster, less exact than fp32 validation).")
 @click.option("--tensorrt-version", default=None,
-              help="For a dry run without TensorRT: the version the build will use (names the timing cache).")
+              help="tensorrt, for a dry run without TensorRT: the version the build will use (names the timing cache).")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the bundle's files before building.")
-def build(bundle, target, networks, dry_run, plan_out, workspace_gib, timing_cache_dir, no_timing_cache,
+def build(bundle, runtime, targets, networks, dry_run, plan_out, workspace_gib, timing_cache_dir, no_timing_cache,
           hardware_compatibility, version_compatible, refittable, weight_stripped, optimization_level, tf32,
           tensorrt_version, no_verify):
-    """Build TensorRT engines for the networks of BUNDLE (a folder from `turbotrt export`).
+    """Build engines for the networks of BUNDLE (a folder from `turbotrt export`), written to
+    BUNDLE/engines/<runtime>/<target>/<network>.plan and recorded in manifest.json.
 
     Each ONNX graph is parsed as a strongly typed network (its types and explicit Q/DQ set the
-    precision) with its static shapes as the only optimization profile, SageSLA nodes become the
-    turbodiffusion::SageSLA plugin with its ahead-of-time kernel embedded, and the engine is written to
-    BUNDLE/engines/tensorrt/<target>/<network>.plan and recorded in manifest.json.
+    precision) with its static shapes as the only optimization profile.
 
-    Building needs TensorRT (>= 10.9) and the GPU the engines are for. --dry-run needs neither: it
-    writes the plan, everything TensorRT would be asked for, and lists what would stop the build."""
-    from pathlib import Path
+    \b
+    --runtime tensorrt (default): SageSLA nodes become the turbodiffusion::SageSLA plugin with its
+      ahead-of-time kernel embedded. Needs TensorRT (>= 10.9) and the GPU the engines are for;
+      --dry-run needs neither: it writes the plan and lists what would stop the build.
+    --runtime tensorrt-rtx: TensorRT for RTX (pip install 'turbotrt[rtx]') builds on any machine,
+      GPU or not, for RTX-class GPUs; it has no plugins, so SageSLA runs as its ONNX function body
+      (the gather-based float sparse core). Running the engines needs the GPU."""
 
-    from turbotrt.build.plan import BuildOptions, plan_build
     from turbotrt.core.bundle import Bundle
-    from turbotrt.core.files import write_atomic
 
+    if runtime == "tensorrt-rtx":
+        given = [flag for flag, value in (
+            ("--timing-cache", timing_cache_dir), ("--no-timing-cache", no_timing_cache),
+            ("--hardware-compatibility", hardware_compatibility != "none"), ("--version-compatible", version_compatible),
+            ("--refittable", refittable), ("--weight-stripped", weight_stripped), ("--tensorrt-version", tensorrt_version),
+        ) if value]
+        if given:
+            raise click.UsageError(f"{', '.join(given)} apply to --runtime tensorrt only: TensorRT for RTX has no timing "
+                                   "cache, hardware or version compatibility, and refit/stripped builds need a GPU")
+        from turbotrt.build.rtx import RtxOptions, build_rtx_engines, plan_rtx
+
+        options = RtxOptions(targets=tuple(targets) or ("auto",), networks=tuple(networks) or None,
+                             workspace_gib=workspace_gib, optimization_level=optimization_level, tf32=tf32)
+        if dry_run:
+            plan = plan_rtx(Bundle.load(bundle, verify=not no_verify), options)
+            _emit_plan(plan, plan_out, f"{len(plan.networks)} engines for {', '.join(plan.targets)}")
+            return
+        result = build_rtx_engines(bundle, options, log=click.echo, verify=not no_verify, plan_out=plan_out)
+        click.echo(f"built {len(result.engines)} TensorRT for RTX engines for {', '.join(result.plan.targets)} in "
+                   f"{result.seconds:.1f} s")
+        return
+    from turbotrt.build.plan import BuildOptions, plan_build
+
+    if len(targets) > 1:
+        raise click.UsageError("standard TensorRT builds for the GPU it runs on: give one --target (several targets "
+                               "are for --runtime tensorrt-rtx)")
     options = BuildOptions(
-        target=target, workspace_gib=workspace_gib, timing_cache=not no_timing_cache,
+        target=targets[0] if targets else "auto", workspace_gib=workspace_gib, timing_cache=not no_timing_cache,
         timing_cache_dir=timing_cache_dir, hardware_compatibility=hardware_compatibility,
         version_compatible=version_compatible, refittable=refittable, weight_stripped=weight_stripped,
         networks=tuple(networks) or None, optimization_level=optimization_level, tf32=tf32,
@@ -466,16 +498,7 @@ def build(bundle, target, networks, dry_run, plan_out, workspace_gib, timing_cac
     )
     if dry_run:
         plan = plan_build(Bundle.load(bundle, verify=not no_verify), options)
-        if plan_out:
-            Path(plan_out).parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(Path(plan_out), plan.to_json())
-            click.echo(f"wrote the build plan of {len(plan.networks)} networks for {plan.target} to {plan_out}")
-        else:
-            click.echo(plan.to_json(), nl=False)
-        for w in plan.warnings:
-            click.echo(f"warning: {w}", err=True)
-        if plan.problems:
-            click.echo("a build would stop on:\n  - " + "\n  - ".join(plan.problems), err=True)
+        _emit_plan(plan, plan_out, f"{len(plan.networks)} networks for {plan.target}")
         return
     from turbotrt.build.tensorrt import build_engines
 
@@ -483,9 +506,27 @@ def build(bundle, target, networks, dry_run, plan_out, workspace_gib, timing_cac
     click.echo(f"built {', '.join(result.engines)} for {result.plan.target} in {result.seconds:.1f} s")
 
 
+def _emit_plan(plan, plan_out, what: str) -> None:
+    from pathlib import Path
+
+    from turbotrt.core.files import write_atomic
+
+    if plan_out:
+        Path(plan_out).parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(Path(plan_out), plan.to_json())
+        click.echo(f"wrote the build plan of {what} to {plan_out}")
+    else:
+        click.echo(plan.to_json(), nl=False)
+    for w in plan.warnings:
+        click.echo(f"warning: {w}", err=True)
+    if plan.problems:
+        click.echo("a build would stop on:\n  - " + "\n  - ".join(plan.problems), err=True)
+
+
 # --- running --------------------------------------------------------------------------------------------
 
-BACKEND_HELP = "auto: TensorRT engines for this GPU when present, else ONNX Runtime (it says which)."
+BACKEND_HELP = ("auto: TensorRT engines for this GPU when present, then TensorRT for RTX engines, else ONNX Runtime "
+                "(it says which and why).")
 
 
 @main.command()
@@ -497,7 +538,7 @@ BACKEND_HELP = "auto: TensorRT engines for this GPU when present, else ONNX Runt
 @click.option("--image", type=click.Path(exists=True, dir_okay=False), default=None,
               help="I2V bundles: the first frame, at the bundle's resolution.")
 @click.option("--ode", is_flag=True, help="Deterministic ODE sampling (I2V) instead of rCM's SDE steps.")
-@click.option("--backend", type=click.Choice(["auto", "trt", "ort"]), default="auto", show_default=True,
+@click.option("--backend", type=click.Choice(["auto", "trt", "rtx", "ort"]), default="auto", show_default=True,
               help=BACKEND_HELP)
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Check the sha256 of every bundle file before loading (slow for large bundles).")
@@ -532,10 +573,14 @@ def run(bundle, prompt, out, steps, seed, image, ode, backend, verify, force):
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the report here.")
 @click.option("--allow-skips", is_flag=True,
               help="Exit 0 even when some checks could not run here (they are still listed).")
-def validate(bundle, prompt, seed, steps, json_out, allow_skips):
+@click.option("--rtx/--no-rtx", default=True, show_default=True,
+              help="Ask TensorRT for RTX's parser and builder about every graph (when tensorrt_rtx is installed; "
+                   "no GPU needed; minutes for full-size models).")
+def validate(bundle, prompt, seed, steps, json_out, allow_skips, rtx):
     """Check BUNDLE: each graph in ONNX Runtime against PyTorch (weights read from the bundle),
-    TensorRT against ONNX Runtime where TensorRT and engines are here, and the runtime against the
-    PyTorch reference pipeline end to end (same prompt and seed).
+    TensorRT against ONNX Runtime where TensorRT and engines are here, each graph through TensorRT
+    for RTX's parser and builder where it is installed, and the runtime against the PyTorch
+    reference pipeline end to end (same prompt and seed).
 
     A check that cannot run here (e.g. bf16 graphs on a CPU) is listed, and makes the command fail
     unless --allow-skips: it never says "valid" about what it did not check."""
@@ -544,10 +589,11 @@ def validate(bundle, prompt, seed, steps, json_out, allow_skips):
     from turbotrt.validation import validate_bundle
 
     _check_prompt(prompt)
-    result = validate_bundle(bundle, prompt=prompt, seed=seed, steps=steps, log=click.echo)
+    result = validate_bundle(bundle, prompt=prompt, seed=seed, steps=steps, rtx=rtx, log=click.echo)
     if json_out:
         report = dict(graphs=[r.to_dict() for r in result.graphs], skipped=result.skipped,
-                      end_to_end=result.end_to_end, passed=result.passed)
+                      end_to_end=result.end_to_end, rtx=result.rtx, quantization=result.quantization,
+                      passed=result.passed)
         write_atomic(json_out, json.dumps(report, indent=2, default=str))
     if not result.passed:
         raise TurbotrtError("validation failed: see the report above")
@@ -561,7 +607,7 @@ def validate(bundle, prompt, seed, steps, json_out, allow_skips):
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 @click.option("--steps", default=4, show_default=True, type=click.IntRange(1, 4))
 @click.option("--repeat", default=3, show_default=True, type=click.IntRange(1, 100))
-@click.option("--backend", type=click.Choice(["auto", "trt", "ort"]), default="auto", show_default=True,
+@click.option("--backend", type=click.Choice(["auto", "trt", "rtx", "ort"]), default="auto", show_default=True,
               help=BACKEND_HELP)
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Check the sha256 of every bundle file before loading.")
@@ -606,7 +652,8 @@ def doctor():
             return None if isinstance(e, ImportError) else f"broken ({e})"
 
     found = gpus()
-    v = {m: version(m) for m in ("torch", "onnxruntime", "onnx", "tensorrt", "triton", "polygraphy")}
+    v = {m: version(m) for m in ("torch", "onnxruntime", "onnx", "tensorrt", "tensorrt_rtx", "triton", "polygraphy",
+                                 "ray")}
     click.echo(f"python        {platform.python_version()} ({platform.machine()})")
     for m, ver in v.items():
         click.echo(f"{m:13s} {ver or 'not installed'}")
@@ -621,6 +668,11 @@ def doctor():
     click.echo(f"  export / validate / reference  {'yes' if v['torch'] else 'no: pip install turbotrt[export]'}")
     trt_ok = bool(v["tensorrt"]) and bool(found)
     click.echo(f"  TensorRT engines (build, run)  {'yes' if trt_ok else 'no: needs TensorRT >= 10.9 and an NVIDIA GPU'}")
+    rtx = v["tensorrt_rtx"]
+    click.echo("  TensorRT for RTX engines       " + (
+        ("build: yes; run: " + ("yes" if found else "no (needs an RTX-class NVIDIA GPU)")) if rtx
+        else "no: pip install 'turbotrt[rtx]' (builds without a GPU)"))
+    click.echo(f"  serving (turbotrt serve)       {'yes' if v['ray'] else 'no: pip install turbotrt[serve]'}")
     click.echo(f"  SageSLA Triton kernels         {'yes' if v['triton'] and found else 'interpreter/PTX only (no GPU)' if v['triton'] else 'no: needs triton'}")
 
 

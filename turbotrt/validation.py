@@ -5,7 +5,9 @@ checkpoint; a quantized DiT's codes and scales rebuild its fake-quant model), so
 without its checkpoints. Stages:
   1. per graph: ONNX Runtime vs PyTorch on seeded inputs, names, then shapes, then values, with the
      graph's tolerance (a quantized DiT: against the fake-quant model of the same Q/DQ numbers);
-  2. per graph: TensorRT vs ONNX Runtime, where TensorRT and engines for this GPU exist;
+  2. per graph: TensorRT vs ONNX Runtime, where TensorRT and engines for this GPU exist; and what
+     TensorRT for RTX's parser and builder say about it, where `tensorrt_rtx` is installed (it
+     builds without a GPU: a graph it refuses is a failed check);
   3. end to end: the runtime vs the reference pipeline for one prompt and seed (latent cosine,
      PSNR); an image-to-video bundle is conditioned on a fixed synthetic image. For a quantized
      bundle the quality report's figures against the float model are shown too.
@@ -113,10 +115,12 @@ class BundleValidation:
     skipped: list[str] = field(default_factory=list)
     end_to_end: dict = field(default_factory=dict)
     quantization: dict = field(default_factory=dict)  # the quality report's figures, for quantized bundles
+    rtx: dict = field(default_factory=dict)  # network -> what TensorRT for RTX's parser and builder said
 
     @property
     def passed(self) -> bool:
-        return all(r.passed or r.skipped for r in self.graphs) and self.end_to_end.get("passed", True)
+        return (all(r.passed or r.skipped for r in self.graphs) and self.end_to_end.get("passed", True)
+                and all(r["passed"] for r in self.rtx.values()))
 
 
 def reference_pipeline(bundle: Bundle, attention_mode: str | None = None):
@@ -150,37 +154,70 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _engines_vs_onnxruntime(bundle: Bundle, seed: int, result: BundleValidation, log) -> None:
-    """Each engine built for this GPU against ONNX Runtime on the same inputs (needs TensorRT and the GPU)."""
-    if not any(bundle.manifest.engines.values()):
-        log("TensorRT vs ONNX Runtime: the bundle has no engines (`turbotrt build` makes them)")
+    """Each engine built for this GPU against ONNX Runtime on the same inputs (needs the engine's
+    TensorRT, or TensorRT for RTX, and the GPU)."""
+    flavours = sorted({e.flavour for es in bundle.manifest.engines.values() for e in es})
+    if not flavours:
+        log("engines vs ONNX Runtime: the bundle has no engines (`turbotrt build` makes them)")
         return
-    from turbotrt.runtime.backends import TrtBackend
+    from turbotrt.runtime.backends import RtxBackend, TrtBackend
 
-    try:
-        backend = TrtBackend(bundle)
-    except TurbotrtError as e:
-        result.skipped.append(f"TensorRT vs ONNX Runtime: skipped ({e})")
-        log(result.skipped[-1])
-        return
-    for network in bundle.networks:
-        spec = bundle.spec(network)
+    for flavour in flavours:
         try:
-            engine_session = backend.session(network)
+            backend = (TrtBackend if flavour == "tensorrt" else RtxBackend)(bundle)
         except TurbotrtError as e:
-            result.skipped.append(f"TensorRT vs ONNX Runtime, {network}: skipped ({e})")
+            result.skipped.append(f"{flavour} engines vs ONNX Runtime: skipped ({e})")
             log(result.skipped[-1])
             continue
-        uses_plugin = any(e.attention == "sagesla-plugin" for e in bundle.manifest.engines.get(network, []))
-        tolerance = PLUGIN_TOLERANCE if uses_plugin else spec.tolerance
-        report = ValidationReport(network, spec.precision, f"tensorrt:{backend.cc}", tolerance)
-        feeds = definition(bundle, network).feeds(seed)
-        compare(engine_session.run(feeds), run_onnxruntime(bundle.graph(network), feeds), report)
-        result.graphs.append(report)
-        log(report.format())
+        for network in bundle.networks:
+            spec = bundle.spec(network)
+            try:
+                engine_session = backend.session(network)
+            except TurbotrtError as e:
+                result.skipped.append(f"{flavour} vs ONNX Runtime, {network}: skipped ({e})")
+                log(result.skipped[-1])
+                continue
+            uses_plugin = any(e.attention == "sagesla-plugin" for e in bundle.manifest.engines.get(network, [])
+                              if e.flavour == flavour)
+            tolerance = PLUGIN_TOLERANCE if uses_plugin else spec.tolerance
+            report = ValidationReport(network, spec.precision, f"{flavour}:{backend.cc}", tolerance)
+            feeds = definition(bundle, network).feeds(seed)
+            compare(engine_session.run(feeds), run_onnxruntime(bundle.graph(network), feeds), report)
+            result.graphs.append(report)
+            log(report.format())
+
+
+RTX_CHECK_TARGET = "sm_89"  # the RTX target every graph kind builds for (FP8 included)
+
+
+def _rtx_check(bundle: Bundle, result: BundleValidation, log) -> None:
+    """Each graph through TensorRT for RTX's parser and builder (no GPU needed): what they say."""
+    import time
+
+    from turbotrt.build.rtx import build_plan_bytes, installed_version
+
+    version = installed_version()
+    if version is None:
+        log("TensorRT for RTX: not installed, its parser and builder were not asked (pip install 'turbotrt[rtx]')")
+        return
+    for network in bundle.networks:
+        t0 = time.perf_counter()
+        try:
+            data = build_plan_bytes(bundle.checked_graph(network), [RTX_CHECK_TARGET], log=lambda *_: None)
+        except TurbotrtError as e:
+            result.rtx[network] = dict(passed=False, target=RTX_CHECK_TARGET, version=version, error=str(e))
+            log(f"TensorRT for RTX {version}, {network}: FAIL: {e}")
+            continue
+        seconds = time.perf_counter() - t0
+        result.rtx[network] = dict(passed=True, target=RTX_CHECK_TARGET, version=version, seconds=round(seconds, 2),
+                                   engine_bytes=len(data))
+        log(f"TensorRT for RTX {version}, {network}: parses and builds for {RTX_CHECK_TARGET} "
+            f"({len(data) / 2**20:.1f} MiB engine, {seconds:.1f} s)")
 
 
 def validate_bundle(path, prompt: str = "a red bird flies over a river at night", seed: int = 0, steps: int = 4,
-                    log=print) -> BundleValidation:
+                    rtx: bool = True, log=print) -> BundleValidation:
+    """rtx: also ask TensorRT for RTX's parser and builder about every graph (when installed)."""
     bundle = Bundle.load(path)
     result = BundleValidation()
     for network in bundle.networks:
@@ -198,6 +235,8 @@ def validate_bundle(path, prompt: str = "a red bird flies over a river at night"
         result.graphs.append(report)
         log(report.format())
     _engines_vs_onnxruntime(bundle, seed, result, log)
+    if rtx:
+        _rtx_check(bundle, result, log)
     _quality_report(bundle, result, log)
 
     needed = {"text_encoder", "vae_decode_first", "vae_decode_step"}

@@ -322,6 +322,7 @@ def read_graph(path: Path, data_file: str | None = None) -> dict:
     """Inputs, custom ops and SageSLA nodes of an ONNX graph, read without its weights (after checking
     that its external data stays in `data_file`: the builder's parser will read it)."""
     try:
+        import onnx
         from onnx import helper
 
         from turbotrt.export.graph_files import load_graph
@@ -335,6 +336,7 @@ def read_graph(path: Path, data_file: str | None = None) -> dict:
     types = {v.name: v.type.tensor_type for v in list(g.value_info) + list(g.input)}
     custom: dict[str, int] = {}
     sagesla = []
+    fp8 = any(t.data_type == onnx.TensorProto.FLOAT8E4M3FN for t in g.initializer)
     for node in g.node:
         if node.domain in _STANDARD_DOMAINS:
             continue
@@ -352,7 +354,7 @@ def read_graph(path: Path, data_file: str | None = None) -> dict:
                 head_dim=q_shape[-1] if q_shape and q_shape[-1] > 0 else None,
                 dtype=_ONNX_DTYPES.get(q.elem_type) if q is not None else None,
             ))
-    return dict(inputs=inputs, custom_ops=custom, sagesla=sagesla)
+    return dict(inputs=inputs, custom_ops=custom, sagesla=sagesla, fp8=fp8)
 
 
 def _plan_sagesla(network: str, nodes: list[dict], target: str, builder: str, options: BuildOptions):

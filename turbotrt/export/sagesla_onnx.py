@@ -110,6 +110,22 @@ class _SparseCore(nn.Module):
         return ref._sparse(q, k, v, block_idx, self.block_q, self.block_k).to(q.dtype)
 
 
+BODY_SCOPE = "SageSLA/"
+
+
+def _scope_values(nodes, keep: set[str]) -> None:
+    """Prefix every value the body makes (all but its inputs and outputs) with `SageSLA/`.
+
+    The exporter names values `val_283`, `mul_1`, ... in the body and in the main graph alike, and a
+    parser that inlines the body (TensorRT for RTX does) can resolve a body's constant by its name in
+    the main graph: on the 1.3B DiT a float exponent 2.0 became the body's int64 [153] tensor. The
+    prefix keeps the two namespaces apart (the lint checks it)."""
+    names = {o for n in nodes for o in n.output if o and o not in keep}
+    for n in nodes:
+        n.output[:] = [BODY_SCOPE + o if o in names else o for o in n.output]
+        n.input[:] = [BODY_SCOPE + i if i in names else i for i in n.input]
+
+
 def function_body(q_shape, dtype: torch.dtype, attrs: C.SageSLAAttrs, opset: int) -> onnx.FunctionProto:
     """FunctionProto `turbodiffusion.SageSLA` specialised to one static q shape (every layer's)."""
     B, H, L, D = q_shape
@@ -134,6 +150,7 @@ def function_body(q_shape, dtype: torch.dtype, attrs: C.SageSLAAttrs, opset: int
         n.name = f"SageSLA/{n.op_type}_{i}"
         del n.metadata_props[:]
     nodes += list(g.node)
+    _scope_values(nodes, keep={i.name for i in g.input} | {o.name for o in g.output})
     used = {i for n in nodes for i in n.input}
     inputs = [i.name for i in g.input]
     missing = [i for i in inputs if i not in used and i not in ("k_mean", "v_amax")]

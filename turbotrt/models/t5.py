@@ -99,8 +99,10 @@ def relative_position_bucket(rel_pos: Tensor, num_buckets: int = 32, max_distanc
     dist = rel_pos.abs()
     max_exact = n // 2
     # Same fp32 ops as upstream; the clamp only keeps log(0) (-inf -> int cast) out of the graph,
-    # for distances that take the exact branch anyway.
-    ratio = dist.clamp(min=max_exact).float() / max_exact
+    # for distances that take the exact branch anyway. It clamps the float, not the int64 distance:
+    # an integer Clip with only a lower bound on a constant is what TensorRT for RTX's compiler
+    # cannot fold ("Cannot convert scalar operand of type 11 to float"); the values are identical.
+    ratio = dist.float().clamp(min=max_exact) / max_exact
     large = max_exact + (torch.log(ratio) / math.log(max_distance / max_exact) * (n - max_exact)).long()
     large = large.clamp(max=n - 1)
     return offset + torch.where(dist < max_exact, dist, large)

@@ -7,6 +7,8 @@ an image never loads the VAE encoder.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Mapping, Protocol
 
 import numpy as np
@@ -14,7 +16,7 @@ import numpy as np
 from turbotrt.core.bundle import Bundle
 from turbotrt.core.errors import TurbotrtError
 
-BACKENDS = ("auto", "ort", "trt")
+BACKENDS = ("auto", "ort", "trt", "rtx")
 
 
 class BackendError(TurbotrtError):
@@ -132,22 +134,125 @@ class _TrtSession:
         return {k: np.asarray(v) for k, v in self.runner.infer(feed_dict=dict(feeds)).items()}
 
 
+class RtxBackend:
+    """TensorRT for RTX engines (`engines/tensorrt-rtx/<sm>/`), through `tensorrt_rtx`'s runtime.
+
+    Needs `tensorrt_rtx`, an RTX-class NVIDIA GPU and the CUDA runtime library (device buffers go
+    through Polygraphy's CUDA wrapper). The engine's portable program is compiled for this GPU when
+    it loads; that compilation is kept in a runtime cache in the user cache folder, one file per
+    engine, so the next process starts fast. Unverified: no GPU on the machines this is built on.
+    """
+
+    name = "rtx"
+
+    def __init__(self, bundle: Bundle):
+        try:
+            import tensorrt_rtx as trt
+        except ImportError as e:
+            raise BackendError(f"the TensorRT for RTX backend needs the `tensorrt_rtx` package ({e}): "
+                               "pip install 'turbotrt[rtx]'; or use --backend ort") from None
+        from turbotrt.core.gpu import compute_capability
+
+        cc = compute_capability()
+        if cc is None:
+            raise BackendError("the TensorRT for RTX backend needs an NVIDIA GPU; none was found (use --backend ort)")
+        self.trt, self.bundle, self.cc, self.version = trt, bundle, cc, trt.__version__
+        self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self._sessions = {}
+
+    def session(self, network: str):
+        if network not in self._sessions:
+            plan = self.bundle.engine(network, "tensorrt-rtx", self.cc, self.version)
+            engine = self.runtime.deserialize_cuda_engine(plan.read_bytes())
+            if engine is None:
+                raise BackendError(f"TensorRT for RTX could not load {plan.name} on {self.cc} (see its log above)")
+            self._sessions[network] = _RtxSession(self.trt, engine, runtime_cache_path(plan))
+        return self._sessions[network]
+
+    def describe(self) -> str:
+        return f"TensorRT for RTX {self.version} on {self.cc}"
+
+
+def runtime_cache_path(plan) -> Path:
+    """The runtime cache of one engine: in the user cache folder (never in the bundle, which is an
+    input), named by the engine's sha256 so a rebuilt engine never meets a stale cache."""
+    import hashlib
+
+    digest = hashlib.sha256(Path(plan).read_bytes()).hexdigest()[:32]
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "turbotrt" / "rtx-runtime-cache" / f"{digest}.cache"
+
+
+class _RtxSession:
+    def __init__(self, trt, engine, cache_path):
+        try:
+            from polygraphy import cuda
+        except ImportError as e:
+            raise BackendError(f"the TensorRT for RTX backend moves data with Polygraphy's CUDA wrapper ({e}): "
+                               "pip install 'turbotrt[rtx]'") from None
+        self.cuda, self.trt, self.engine, self.cache_path = cuda, trt, engine, cache_path
+        config = engine.create_runtime_config()
+        self.cache = config.create_runtime_cache()
+        if cache_path.is_file():
+            self.cache.deserialize(cache_path.read_bytes())
+        config.set_runtime_cache(self.cache)
+        self.context = engine.create_execution_context(config)
+        self.stream = cuda.Stream()
+        self.names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        self.outputs = [n for n in self.names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        self.buffers = {}
+
+    def run(self, feeds):
+        out = {}
+        for name in self.names:
+            shape = tuple(self.engine.get_tensor_shape(name))
+            dtype = np.dtype(self.trt.nptype(self.engine.get_tensor_dtype(name)))
+            buf = self.buffers.get(name)
+            if buf is None:
+                buf = self.buffers[name] = self.cuda.DeviceArray(shape=shape, dtype=dtype)
+            if name in self.outputs:
+                out[name] = np.empty(shape, dtype)
+            else:
+                buf.copy_from(np.ascontiguousarray(feeds[name], dtype=dtype), self.stream)
+            self.context.set_tensor_address(name, buf.ptr)
+        if not self.context.execute_async_v3(self.stream.ptr):
+            raise BackendError("TensorRT for RTX failed to run the engine (see its log above)")
+        for name, host in out.items():
+            self.buffers[name].copy_to(host, self.stream)
+        self.stream.synchronize()
+        self._save_cache()
+        return out
+
+    def _save_cache(self):
+        from turbotrt.core.files import write_atomic
+
+        raw = bytes(memoryview(self.cache.serialize()))
+        if raw and (not self.cache_path.is_file() or self.cache_path.stat().st_size != len(raw)):
+            self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.cache_path, raw)
+
+
 def make_backend(bundle: Bundle, name: str = "auto", log=print):
-    """`auto` takes TensorRT when it is installed and the bundle has engines for this GPU, else ONNX
-    Runtime, and says which (and why) rather than falling back silently."""
+    """`auto` takes TensorRT engines for this GPU, then TensorRT for RTX engines, else ONNX Runtime,
+    and says which (and why not the others) rather than falling back silently."""
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
     if name == "ort":
         return OrtBackend(bundle)
     if name == "trt":
         return TrtBackend(bundle)
-    try:
-        backend = TrtBackend(bundle)
-        for network in bundle.networks:
-            bundle.engine(network, "tensorrt", backend.cc, backend.trt_version)
-        log(f"backend: {backend.describe()}")
-        return backend
-    except TurbotrtError as e:
-        backend = OrtBackend(bundle)
-        log(f"backend: {backend.describe()} (TensorRT not used: {e})")
-        return backend
+    if name == "rtx":
+        return RtxBackend(bundle)
+    why = []
+    for kind, flavour in ((TrtBackend, "tensorrt"), (RtxBackend, "tensorrt-rtx")):
+        try:
+            backend = kind(bundle)
+            for network in bundle.networks:
+                bundle.engine(network, flavour, backend.cc, getattr(backend, "trt_version", None) or backend.version)
+            log(f"backend: {backend.describe()}")
+            return backend
+        except TurbotrtError as e:
+            why.append(f"{flavour}: {e}")
+    backend = OrtBackend(bundle)
+    log(f"backend: {backend.describe()} (engines not used: {'; '.join(why)})")
+    return backend
