@@ -1,11 +1,14 @@
 import os
+import pickle
+from pathlib import Path
 
 import pytest
 import torch
 
-# Deterministic, CPU-only, and small enough for a 2-core CI machine.
+# Deterministic, CPU-only, and small enough for a 2-core CI machine; with pytest-xdist's workers
+# sharing the cores, one thread each.
 torch.manual_seed(0)
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
 
 CALIBRATION_PROMPTS = ("a cat walks slowly", "a red bird flies over the river")
 _quiet = dict(log=lambda *_: None)
@@ -40,14 +43,26 @@ def _calibrate(src, out, mode, steps):
 class TinyBundles:
     """`tiny_bundle(kind)` -> the bundle's folder, made on first use; `.result(kind)` what made it
     (an ExportResult, or a QuantReport for int8/fp8). Treat the folders as read-only: copy one
-    (`shutil.copytree`) before editing it."""
+    (`shutil.copytree`) before editing it.
 
-    def __init__(self, root):
+    With pytest-xdist the workers share one folder: the first to need a kind makes it under a file
+    lock and pickles its result beside it; the others wait and read it, so each is made once."""
+
+    def __init__(self, root: Path):
         self.root, self.results = root, {}
+        root.mkdir(parents=True, exist_ok=True)
 
     def __call__(self, kind: str):
         if kind not in self.results:
-            self.results[kind] = _KINDS[kind](self.root / kind, self)
+            from filelock import FileLock
+
+            saved = self.root / f"{kind}.result.pickle"
+            with FileLock(str(self.root / f"{kind}.lock")):
+                if saved.exists():
+                    self.results[kind] = pickle.loads(saved.read_bytes())
+                else:
+                    self.results[kind] = _KINDS[kind](self.root / kind, self)
+                    saved.write_bytes(pickle.dumps(self.results[kind]))
         return self.root / kind
 
     def result(self, kind: str):
@@ -58,5 +73,13 @@ class TinyBundles:
 
 
 @pytest.fixture(scope="session")
-def tiny_bundle(tmp_path_factory):
-    return TinyBundles(tmp_path_factory.mktemp("tiny-bundles"))
+def tiny_bundle(tmp_path_factory, worker_id):
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if worker_id != "master" else base) / "tiny-bundles"  # xdist: one folder for all workers
+    return TinyBundles(root)
+
+
+@pytest.fixture(scope="session")
+def worker_id(request):
+    """"master" without pytest-xdist (its own fixture of this name takes over when it is active)."""
+    return getattr(request.config, "workerinput", {}).get("workerid", "master")
