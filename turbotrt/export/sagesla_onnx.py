@@ -2,8 +2,9 @@
 
 The node follows the op contract (`turbotrt.core.sagesla`). Its ONNX function body (the same name
 and domain, attached to the model after export because torch's exporter inlines functions it is
-given) is the float sparse core traced from the PyTorch reference, so ONNX Runtime runs the
-reference math and TensorRT, seeing `plugin_namespace`, runs the plugin.
+given) is the float sparse core of the PyTorch reference (`attention._sparse`), written node by
+node and tested against it, so ONNX Runtime and TensorRT for RTX (which inline it) run the reference
+math, and standard TensorRT, seeing `plugin_namespace`, runs the plugin.
 
 The reference knows nothing of this: before tracing, `swap_for_export` replaces each sparse
 `SparseLinearAttention` of a model by `SageSLAExport`, which holds the same `proj_l` (so weights
@@ -11,8 +12,6 @@ keep their checkpoint names) and emits the node.
 """
 
 from __future__ import annotations
-
-import warnings
 
 import onnx
 import torch
@@ -97,67 +96,134 @@ def swap_for_export(model: nn.Module) -> int:
 
 
 # --- the function body ------------------------------------------------------------------------------
-
-class _SparseCore(nn.Module):
-    """The contract's signature around the float reference core (k_mean and v_amax unused: they only
-    feed the low-bit quantizers, and the body is the exact-softmax reference)."""
-
-    def __init__(self, block_q: int, block_k: int):
-        super().__init__()
-        self.block_q, self.block_k = block_q, block_k
-
-    def forward(self, q, k, v, block_idx, k_mean, v_amax):
-        return ref._sparse(q, k, v, block_idx, self.block_q, self.block_k).to(q.dtype)
-
+#
+# Written node by node rather than traced: a traced body unrolls the reference's Python loop over
+# chunks of query blocks (8,067 nodes per layer at 480p / 81 frames, more than the whole DiT, and
+# minutes of session creation). This one is the same float math in a fixed number of nodes at any L:
+# keys and values are gathered a whole block at a time (`Gather` on the block axis of a
+# `[B*H*Nk, block_k, D]` view, a contiguous copy), and when the gathered blocks of all query blocks
+# would not fit `GATHER_BUDGET`, an ONNX `Loop` walks chunks of query blocks so memory stays bounded.
 
 BODY_SCOPE = "SageSLA/"
 
+# Gathered keys (and values) per chunk of query blocks stay under this many fp32 elements (256 MiB).
+GATHER_BUDGET = 1 << 26
 
-def _scope_values(nodes, keep: set[str]) -> None:
-    """Prefix every value the body makes (all but its inputs and outputs) with `SageSLA/`.
-
-    The exporter names values `val_283`, `mul_1`, ... in the body and in the main graph alike, and a
-    parser that inlines the body (TensorRT for RTX does) can resolve a body's constant by its name in
-    the main graph: on the 1.3B DiT a float exponent 2.0 became the body's int64 [153] tensor. The
-    prefix keeps the two namespaces apart (the lint checks it)."""
-    names = {o for n in nodes for o in n.output if o and o not in keep}
-    for n in nodes:
-        n.output[:] = [BODY_SCOPE + o if o in names else o for o in n.output]
-        n.input[:] = [BODY_SCOPE + i if i in names else i for i in n.input]
+_FLOAT, _INT64 = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64
 
 
-def function_body(q_shape, dtype: torch.dtype, attrs: C.SageSLAAttrs, opset: int) -> onnx.FunctionProto:
-    """FunctionProto `turbodiffusion.SageSLA` specialised to one static q shape (every layer's)."""
+def body_chunking(q_shape, attrs: C.SageSLAAttrs, budget: int = GATHER_BUDGET) -> tuple[int, int]:
+    """(query blocks per chunk, chunks): one chunk when everything fits the budget."""
     B, H, L, D = q_shape
     nq = C.cdiv(L, attrs.block_q)
-    meta = dict(device="meta")  # shapes only: a 480p body needs no activation memory to trace
-    args = (
-        torch.empty(q_shape, dtype=dtype, **meta), torch.empty(q_shape, dtype=dtype, **meta),
-        torch.empty(q_shape, dtype=dtype, **meta), torch.empty(B, H, nq, attrs.kept_blocks, dtype=torch.int32, **meta),
-        torch.empty(B, H, 1, D, **meta), torch.empty(B, H, 1, D, **meta),
-    )
-    from turbotrt.export.onnx_io import _quiet
+    per_query_block = B * H * attrs.kept_blocks * attrs.block_k * D
+    chunk = max(1, min(nq, budget // per_query_block))
+    return chunk, C.cdiv(nq, chunk)
 
-    with warnings.catch_warnings(), _quiet("torch.onnx"):
-        warnings.simplefilter("ignore")
-        prog = torch.onnx.export(_SparseCore(attrs.block_q, attrs.block_k).eval(), args, dynamo=True,
-                                 opset_version=opset, input_names=list(C.INPUT_NAMES),
-                                 output_names=list(C.OUTPUT_NAMES), optimize=False, verbose=False)
-    model = prog.model_proto
-    g = model.graph
-    nodes = [onnx.helper.make_node("Constant", [], [init.name], value=init) for init in g.initializer]
-    for i, n in enumerate(g.node):
-        n.name = f"SageSLA/{n.op_type}_{i}"
-        del n.metadata_props[:]
-    nodes += list(g.node)
-    _scope_values(nodes, keep={i.name for i in g.input} | {o.name for o in g.output})
-    used = {i for n in nodes for i in n.input}
-    inputs = [i.name for i in g.input]
-    missing = [i for i in inputs if i not in used and i not in ("k_mean", "v_amax")]
-    if missing:
-        raise RuntimeError(f"SageSLA body lost inputs {missing}")
+
+class _Nodes:
+    """Collects nodes whose made values all live under `SageSLA/`, so a parser that inlines the body
+    cannot confuse them with main-graph values of the same name (the lint checks it)."""
+
+    def __init__(self):
+        self.nodes: list[onnx.NodeProto] = []
+
+    def __call__(self, op: str, inputs: list[str], name: str, **attrs) -> str:
+        out = BODY_SCOPE + name
+        self.nodes.append(onnx.helper.make_node(op, inputs, [out], name=out, **attrs))
+        return out
+
+    def const(self, name: str, values, dtype=_INT64, dims=None) -> str:
+        import numpy as np
+
+        arr = np.asarray(values, dtype=onnx.helper.tensor_dtype_to_np_dtype(dtype))
+        tensor = onnx.numpy_helper.from_array(arr.reshape(arr.shape if dims is None else dims), BODY_SCOPE + name)
+        return self("Constant", [], name, value=tensor)
+
+
+def function_body(q_shape, dtype: torch.dtype, attrs: C.SageSLAAttrs, opset: int,
+                  budget: int = GATHER_BUDGET) -> onnx.FunctionProto:
+    """FunctionProto `turbodiffusion.SageSLA` for one static q shape (every layer's): `ref._sparse`,
+    exact softmax over each query block's kept key blocks, in float32, cast back to q's dtype."""
+    import numpy as np
+
+    B, H, L, D = q_shape
+    bq, bk, n = attrs.block_q, attrs.block_k, attrs.kept_blocks
+    nq, nk = C.cdiv(L, bq), C.cdiv(L, bk)
+    chunk, chunks = body_chunking(q_shape, attrs, budget)
+    nq_pad = chunk * chunks  # query blocks padded to whole chunks; the padding rows are cut off at the end
+    elem = {torch.float32: _FLOAT, torch.float16: onnx.TensorProto.FLOAT16, torch.bfloat16: onnx.TensorProto.BFLOAT16}[dtype]
+
+    g = _Nodes()
+
+    def pad_axis(x: str, axis: int, rank: int, amount: int, name: str) -> str:
+        if amount == 0:
+            return x
+        pads = [0] * (2 * rank)
+        pads[rank + axis] = amount
+        return g("Pad", [x, g.const(name + "_pads", pads)], name)
+
+    def to_float(x: str, name: str) -> str:
+        return x if elem == _FLOAT else g("Cast", [x], name, to=_FLOAT)
+
+    # Queries, scaled once (D^-0.5), as [B, H, chunks, chunk, block_q, D].
+    q32 = g("Mul", [to_float("q", "q_f32"), g.const("sm_scale", D**-0.5, _FLOAT, dims=[])], "q_scaled")
+    q32 = pad_axis(q32, 2, 4, nq_pad * bq - L, "q_padded")
+    qb = g("Reshape", [q32, g.const("q_chunks_shape", [B, H, chunks, chunk, bq, D])], "q_chunks")
+    # Keys and values as B*H*Nk blocks; the flat block index of (b, h, j) is (b*H + h)*Nk + j.
+    kv = []
+    for x in ("k", "v"):
+        x32 = pad_axis(to_float(x, f"{x}_f32"), 2, 4, nk * bk - L, f"{x}_padded")
+        kv.append(g("Reshape", [x32, g.const(f"{x}_blocks_shape", [B * H * nk, bk, D])], f"{x}_blocks"))
+    idx = g("Cast", ["block_idx"], "idx_i64", to=_INT64)
+    idx = pad_axis(idx, 2, 4, nq_pad - nq, "idx_padded")  # padding rows pick block 0: valid, then discarded
+    chunk_shape = g.const("idx_chunks_shape", [B, H, chunks, chunk, n])
+    offsets = g.const("bh_offsets", (np.arange(B * H) * nk).reshape(B, H, 1, 1))
+    flat = g("Reshape", [g("Add", [idx, offsets], "flat_idx"), chunk_shape], "flat_idx_chunks")
+    # Key slots past L in a partial last block get -inf before the softmax (weight 0, as the reference).
+    masked = L % bk != 0
+    if masked:
+        bias = np.where(np.arange(nk * bk) < L, 0.0, -np.inf).astype(np.float32).reshape(nk, bk)
+        bias = g.const("key_bias", bias, _FLOAT)
+        idx_chunks = g("Reshape", [idx, chunk_shape], "idx_chunks")
+
+    # One chunk of query blocks; `i` selects it.
+    def chunk_nodes(i: str) -> str:
+        qi = g("Gather", [qb, i], "chunk_q", axis=2)  # [B, H, chunk, bq, D]
+        fi = g("Gather", [flat, i], "chunk_flat_idx", axis=2)  # [B, H, chunk, n]
+        gathered_shape = g.const("gathered_shape", [B, H, chunk, n * bk, D])
+        keys = g("Reshape", [g("Gather", [kv[0], fi], "keys_blocks", axis=0), gathered_shape], "keys")
+        vals = g("Reshape", [g("Gather", [kv[1], fi], "vals_blocks", axis=0), gathered_shape], "vals")
+        s = g("MatMul", [qi, g("Transpose", [keys], "keys_t", perm=[0, 1, 2, 4, 3])], "scores")  # [B, H, chunk, bq, n*bk]
+        if masked:
+            ii = g("Gather", [idx_chunks, i], "chunk_idx", axis=2)
+            b = g("Gather", [bias, ii], "chunk_bias_blocks", axis=0)  # [B, H, chunk, n, bk]
+            s = g("Add", [s, g("Reshape", [b, g.const("bias_shape", [B, H, chunk, 1, n * bk])], "chunk_bias")], "scores_masked")
+        p = g("Softmax", [s], "probs", axis=-1)
+        return g("MatMul", [p, vals], "chunk_out")  # [B, H, chunk, bq, D]
+
+    if chunks == 1:
+        out = g("Unsqueeze", [chunk_nodes(g.const("chunk0", 0, dims=[])), g.const("axis0", [0])], "chunks_out")
+    else:
+        outer, g.nodes = g.nodes, []
+        i, cond = BODY_SCOPE + "i", BODY_SCOPE + "cond"
+        result = chunk_nodes(i)
+        g.nodes.append(onnx.helper.make_node("Identity", [cond], [BODY_SCOPE + "cond_out"], name=BODY_SCOPE + "cond_out"))
+        loop_body = onnx.helper.make_graph(
+            g.nodes, "SageSLA_chunk",
+            [onnx.helper.make_tensor_value_info(i, _INT64, []), onnx.helper.make_tensor_value_info(cond, onnx.TensorProto.BOOL, [])],
+            [onnx.helper.make_tensor_value_info(BODY_SCOPE + "cond_out", onnx.TensorProto.BOOL, []),
+             onnx.helper.make_tensor_value_info(result, _FLOAT, [B, H, chunk, bq, D])])
+        g.nodes = outer
+        keep_going = g.const("keep_going", True, onnx.TensorProto.BOOL, dims=[])  # TensorRT's parser wants a condition
+        out = g("Loop", [g.const("chunks", chunks, dims=[]), keep_going], "chunks_out", body=loop_body)  # [chunks, B, H, chunk, bq, D]
+    out = g("Transpose", [out], "chunks_ordered", perm=[1, 2, 0, 3, 4, 5])
+    out = g("Reshape", [out, g.const("tokens_shape", [B, H, nq_pad * bq, D])], "tokens")
+    if nq_pad * bq != L:
+        out = g("Slice", [out, g.const("slice_start", [0]), g.const("slice_end", [L]), g.const("slice_axis", [2])], "tokens_cut")
+    g.nodes.append(onnx.helper.make_node("Cast", [out], ["o_s"], name=BODY_SCOPE + "o_s", to=elem))
     return onnx.helper.make_function(
-        C.DOMAIN, C.OP_TYPE, inputs, [o.name for o in g.output], nodes,
-        opset_imports=[op for op in model.opset_import if op.domain in ("", "ai.onnx")],
+        C.DOMAIN, C.OP_TYPE, list(C.INPUT_NAMES), list(C.OUTPUT_NAMES), g.nodes,
+        opset_imports=[onnx.helper.make_opsetid("", opset)],
         attributes=list(C.SageSLAAttrs.__dataclass_fields__),
     )
