@@ -13,7 +13,7 @@ from turbotrt.calibration import observers as obs
 from turbotrt.calibration.api import calibrate
 from turbotrt.calibration.cache import CacheError, CalibrationCache, StaleCacheError, load_cache
 from turbotrt.calibration.config import QuantConfig, QuantConfigError
-from turbotrt.calibration.dataset import build_calibration_set, load_embeddings
+from turbotrt.calibration.dataset import block_selections, build_calibration_set, load_embeddings
 from turbotrt.calibration.quantize import conversion_error, fake_quant_activation, fake_quant_model, quantize_weight
 from turbotrt.calibration.report import OrtDit, cosine, rel_error
 from turbotrt.calibration.smoothquant import apply_smoothing, smooth_sites, smoothing_factors
@@ -498,6 +498,13 @@ def test_calibration_set_is_the_sampler_trajectory():
     assert torch.allclose(s1.x, x1, atol=1e-5)
     # ... which differs from t1 * noise by the clean estimate's share (1 - t1 = 6.6% of the mix).
     assert rel_error(s1.x, noise1 * t[1]) > 0.03
+    # Each sample keeps the block maps its own forward made (the report compares against them).
+    for s in data.samples:
+        with block_selections(model, []) as maps, torch.no_grad():
+            model.forward_from_sinusoid(*s.inputs(data, CFG.freq_dim, "cpu"))
+        assert len(s.block_maps) == CFG.num_layers and s.block_maps[0].dtype == torch.int16
+        assert all(torch.equal(a, b.long()) for a, b in zip(maps, s.block_maps))
+    assert not torch.equal(data.samples[0].block_maps[0], data.samples[1].block_maps[0])
 
 
 def test_cli_calibrates_from_an_embeddings_file(bundle, tmp_path):

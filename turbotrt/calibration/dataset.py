@@ -3,15 +3,18 @@
 For every prompt (T5 embeddings) and seed, the float reference model samples with rCM and each
 step's input latent is recorded through `generate_latents(..., callback=)`: step 0 is scaled noise,
 the later steps are the re-noised clean estimates of the real trajectory, at the bf16-rounded
-timesteps the network sees. Each sample also keeps the float model's velocity, and each trajectory
-its final latent, so the quality report compares against exactly the same numbers.
+timesteps the network sees. Each sample also keeps the float model's velocity and SLA block maps,
+and each trajectory its final latent, so the quality report compares against exactly the same
+numbers without running the float model again.
 
-Memory: one sample holds a latent (8 MB at 480p/81 frames in fp32); contexts are shared per prompt.
+Memory: one sample holds a latent (8 MB at 480p/81 frames in fp32) and its block maps (int16, 2 MB
+per 30 layers at 480p / 81 frames and topk 0.1); contexts are shared per prompt.
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -32,6 +35,7 @@ class CalibrationSample:
     timestep: float  # what the network sees (bf16-rounded t * 1000)
     x: Tensor  # fp32 latent [B, C, T, H, W], the DiT input at this step
     velocity: Tensor  # fp32, the float reference's output for x
+    block_maps: list[Tensor] = field(default_factory=list)  # int16 [B, H, Nq, n] per SLA layer, in call order
 
     def t_freq(self, freq_dim: int) -> Tensor:
         return torch.from_numpy(timestep_sinusoid([self.timestep] * self.x.shape[0], freq_dim))
@@ -85,15 +89,38 @@ def build_calibration_set(
     finals = {}
     jobs = [(p, s) for p in range(len(contexts)) for s in seeds]
     for p, seed in (progress(jobs, desc="trajectories") if progress else jobs):
+        maps: list[Tensor] = []  # this step's block maps: the callback runs after the step's forward
 
         def record(i, x, v, p=p, seed=seed):
-            samples.append(CalibrationSample(p, int(seed), i, float(net_t[i]), x.float().cpu(), v.float().cpu()))
+            samples.append(CalibrationSample(p, int(seed), i, float(net_t[i]), x.float().cpu(), v.float().cpu(),
+                                             [m.to(torch.int16).cpu() for m in maps]))
+            maps.clear()
 
         # Noise is drawn on the CPU generator whatever the model's device, as the reference does.
-        finals[(p, int(seed))] = generate_latents(model, contexts[p].to(device), shape, steps=steps, seed=int(seed),
-                                                  sigma_max=sigma_max, callback=record).cpu()
+        with block_selections(model, maps):
+            finals[(p, int(seed))] = generate_latents(model, contexts[p].to(device), shape, steps=steps,
+                                                      seed=int(seed), sigma_max=sigma_max, callback=record).cpu()
     return CalibrationSet(contexts, samples, finals, tuple(shape), steps, sigma_max,
                           list(labels) if labels else [f"embeddings[{i}]" for i in range(len(contexts))])
+
+
+@contextmanager
+def block_selections(model, into: list):
+    """Append to `into` the SLA block map (kept key blocks per query block) of every sparse
+    self-attention `model` runs while inside."""
+    from turbotrt.models.attention import SparseLinearAttention, block_map
+
+    def hook(module, args):
+        c = module.config
+        into.append(block_map(args[0], args[1], c.block_q, c.block_k, c.topk))
+
+    handles = [m.register_forward_pre_hook(hook) for m in model.modules()
+               if isinstance(m, SparseLinearAttention) and m.config.mode != "dense"]
+    try:
+        yield into
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def model_device(model) -> torch.device:

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from turbotrt.calibration.dataset import CalibrationSet, model_device
+from turbotrt.calibration.dataset import CalibrationSet, block_selections, model_device
 from turbotrt.core.rcm import timestep_sinusoid
 
 
@@ -130,27 +130,6 @@ class OrtDit:
         return torch.from_numpy(self.run_feeds(feeds))
 
 
-def _selections(model, run) -> list[torch.Tensor]:
-    """The SLA block maps (kept key blocks per query block) of every self-attention during `run()`."""
-    from turbotrt.models.attention import SparseLinearAttention, block_map
-
-    maps, handles = [], []
-
-    def hook(module, args):
-        c = module.config
-        maps.append(block_map(args[0], args[1], c.block_q, c.block_k, c.topk))
-
-    for m in model.modules():
-        if isinstance(m, SparseLinearAttention) and m.config.mode != "dense":
-            handles.append(m.register_forward_pre_hook(hook))
-    try:
-        run()
-    finally:
-        for h in handles:
-            h.remove()
-    return maps
-
-
 @torch.no_grad()
 def step_quality(backend: str, model, data: CalibrationSet, freq_dim: int, reference=None) -> list[Quality]:
     """Teacher-forced velocity error at each rCM step (and, given the float `reference` of a PyTorch
@@ -164,14 +143,16 @@ def step_quality(backend: str, model, data: CalibrationSet, freq_dim: int, refer
                 pairs.append((model.run_feeds(data.feeds(s, freq_dim)), s.velocity.numpy()))
                 continue
             args = s.inputs(data, freq_dim, model_device(model))
-            result = {}
-            maps = _selections(model, lambda: result.setdefault("v", model.forward_from_sinusoid(*args)))
-            pairs.append((result["v"].float().cpu().numpy(), s.velocity.numpy()))
+            with block_selections(model, []) as maps:
+                v = model.forward_from_sinusoid(*args)
+            pairs.append((v.float().cpu().numpy(), s.velocity.numpy()))
             if reference is not None and maps:
-                ref_args = s.inputs(data, freq_dim, model_device(reference))
-                ref_maps = _selections(reference, lambda: reference.forward_from_sinusoid(*ref_args))
+                ref_maps = s.block_maps  # recorded with the sample: the float model need not run again
+                if len(ref_maps) != len(maps):
+                    with block_selections(reference, []) as ref_maps:
+                        reference.forward_from_sinusoid(*s.inputs(data, freq_dim, model_device(reference)))
                 for a, b in zip(maps, ref_maps):
-                    diff = (a.cpu() != b.cpu()).any(dim=-1)
+                    diff = (a.cpu() != b.cpu().long()).any(dim=-1)
                     changed, rows = changed + int(diff.sum()), rows + diff.numel()
         frac = changed / rows if rows else None
         out.append(Quality.of(backend, step, samples[0].timestep, pairs, frac))
