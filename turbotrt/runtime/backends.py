@@ -178,9 +178,10 @@ def runtime_cache_path(plan) -> Path:
     input), named by the engine's sha256 so a rebuilt engine never meets a stale cache."""
     import hashlib
 
+    from turbotrt.core.cache import cache_dir
+
     digest = hashlib.sha256(Path(plan).read_bytes()).hexdigest()[:32]
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "turbotrt" / "rtx-runtime-cache" / f"{digest}.cache"
+    return cache_dir("rtx-runtime-cache", f"{digest}.cache")
 
 
 class _RtxSession:
