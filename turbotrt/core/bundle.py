@@ -57,6 +57,7 @@ def _unsafe(e: UnsafePathError, root: Path) -> BundleError:
 class Bundle:
     root: Path
     manifest: Manifest
+    verified: bool = False  # every file's sha256 checked by `load` (or stamped as unchanged since)
 
     @classmethod
     def load(cls, path: str | os.PathLike, verify: bool = True) -> "Bundle":
@@ -79,6 +80,7 @@ class Bundle:
         manifest = Manifest.from_json(raw, verify_digest=verify, where=str(mf))
         bundle = cls(root, manifest)
         bundle.check_files(hashes=verify)
+        bundle.verified = verify
         return bundle
 
     # --- paths --------------------------------------------------------------------------------------

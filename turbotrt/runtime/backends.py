@@ -1,13 +1,14 @@
 """Backends that run one graph of a bundle: ONNX Runtime (CPU/CUDA) and TensorRT. No torch.
 
 A backend turns a network name into a `Session` whose `run(feeds) -> outputs` takes and gives
-numpy arrays by name. Sessions are created lazily, on first use, so a pipeline that never encodes
-an image never loads the VAE encoder.
+numpy arrays by name. Sessions are created on first use (`session(network)`, safe from several threads:
+the pipeline starts ONNX Runtime's all at once while it encodes the prompt).
 """
 
 from __future__ import annotations
 
-import os
+import threading
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Mapping, Protocol
 
@@ -28,20 +29,36 @@ class Session(Protocol):
 
 
 class OrtSession:
-    def __init__(self, path, providers):
+    """One ONNX Runtime session: from the bundle's graph, or from ORT's optimized copy of it kept in the
+    user cache (`OrtModelCache`), which skips graph optimization (most of session creation at real size)."""
+
+    def __init__(self, path: Path, providers, cache: "OrtModelCache | None" = None):
+        self.name = path.name
+        self.sess = cache.load() if cache is not None else None
+        if self.sess is None:
+            self.sess = self._create(path, providers, cache)
+        self.inputs = [i.name for i in self.sess.get_inputs()]
+        self.outputs = [o.name for o in self.sess.get_outputs()]
+
+    @staticmethod
+    def _create(path, providers, cache):
         import onnxruntime as ort
 
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
+        saving = cache.saving() if cache is not None else None
+        opts = session_options()
+        if saving is not None:
+            saving.configure(opts)
         try:
-            self.sess = ort.InferenceSession(str(path), opts, providers=list(providers))
+            sess = ort.InferenceSession(str(path), opts, providers=list(providers))
         except Exception as e:  # ORT raises its own exception types for unreadable or damaged models
+            if saving is not None:
+                saving.abandon()
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise BackendError(f"ONNX Runtime cannot load {path.name}: {first}. The bundle may be damaged or "
                                "truncated: load it with verification on (without --no-verify) to find out") from None
-        self.name = path.name
-        self.inputs = [i.name for i in self.sess.get_inputs()]
-        self.outputs = [o.name for o in self.sess.get_outputs()]
+        if saving is not None:
+            saving.commit()
+        return sess
 
     def run(self, feeds):
         missing = [n for n in self.inputs if n not in feeds]
@@ -56,12 +73,49 @@ class OrtSession:
         return dict(zip(self.outputs, values))
 
 
-class OrtBackend:
-    """ONNX Runtime: the CUDA provider when present (and asked for), else the CPU provider."""
+def session_options():
+    """The options of every ORT session: ORT's defaults (the fastest measured here), quiet."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return opts
+
+
+class _Sessions:
+    """Sessions by network, each created once even when asked for from several threads at the same time
+    (the pipeline starts them all concurrently); a failure reaches every caller waiting for it."""
+
+    def _init_sessions(self):
+        self._lock = threading.Lock()
+        self._sessions: dict[str, Future] = {}
+
+    def session(self, network: str):
+        with self._lock:
+            future = self._sessions.get(network)
+            mine = future is None
+            if mine:
+                future = self._sessions[network] = Future()
+        if mine:
+            try:
+                future.set_result(self._create_session(network))
+            except BaseException as e:
+                with self._lock:  # the next caller tries again (the cause may be fixed by then)
+                    del self._sessions[network]
+                future.set_exception(e)
+                raise
+        return future.result()
+
+
+class OrtBackend(_Sessions):
+    """ONNX Runtime: the CUDA provider when present (and asked for), else the CPU provider.
+
+    cache: keep each graph's optimized model in the user cache and start later sessions from it."""
 
     name = "ort"
+    concurrent_start = True  # sessions may be created from several threads at once
 
-    def __init__(self, bundle: Bundle, providers: list[str] | None = None):
+    def __init__(self, bundle: Bundle, providers: list[str] | None = None, cache: bool = True, log=print):
         import onnxruntime as ort
 
         available = ort.get_available_providers()
@@ -75,13 +129,16 @@ class OrtBackend:
                 f"{bundle.root} is a bf16 bundle and ONNX Runtime's CPU provider has no bf16 kernels: run it on an "
                 "NVIDIA GPU (onnxruntime-gpu, or TensorRT engines from `turbotrt build`), or export with --precision "
                 "fp32 or fp16 to run on a CPU")
-        self.bundle, self.providers = bundle, providers
-        self._sessions: dict[str, OrtSession] = {}
+        self.bundle, self.providers, self.cache, self.log = bundle, providers, cache, log
+        self._init_sessions()
 
-    def session(self, network: str) -> OrtSession:
-        if network not in self._sessions:
-            self._sessions[network] = OrtSession(self.bundle.checked_graph(network), self.providers)
-        return self._sessions[network]
+    def _create_session(self, network: str) -> OrtSession:
+        from turbotrt.runtime.ort_cache import OrtModelCache
+
+        path = self.bundle.checked_graph(network)
+        cache = OrtModelCache.for_graph(self.bundle, network, self.providers, session_options(), self.log) \
+            if self.cache else None
+        return OrtSession(path, self.providers, cache)
 
     def describe(self) -> str:
         return f"ONNX Runtime ({', '.join(self.providers)})"
@@ -239,7 +296,7 @@ def make_backend(bundle: Bundle, name: str = "auto", log=print):
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
     if name == "ort":
-        return OrtBackend(bundle)
+        return OrtBackend(bundle, log=log)
     if name == "trt":
         return TrtBackend(bundle)
     if name == "rtx":
@@ -254,6 +311,6 @@ def make_backend(bundle: Bundle, name: str = "auto", log=print):
             return backend
         except TurbotrtError as e:
             why.append(f"{flavour}: {e}")
-    backend = OrtBackend(bundle)
+    backend = OrtBackend(bundle, log=log)
     log(f"backend: {backend.describe()} (engines not used: {'; '.join(why)})")
     return backend
