@@ -119,3 +119,15 @@ def test_sessions_start_together_and_failures_keep_their_message(sla, tmp_path, 
     pipe = Pipeline.from_bundle(b, backend="ort", verify=False, log=lambda *_: None)
     with pytest.raises(BackendError, match=r"^ONNX Runtime cannot load vae_decode_step.onnx: .*verification on"):
         pipe(PROMPT, steps=1)
+
+
+def test_intra_op_threads_sleep_unless_told_to_spin(monkeypatch):
+    from turbotrt.runtime.backends import session_options
+
+    monkeypatch.delenv("TURBOTRT_ORT_SPINNING", raising=False)
+    assert session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    monkeypatch.setenv("TURBOTRT_ORT_SPINNING", "1")
+    assert session_options().get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    monkeypatch.setenv("TURBOTRT_ORT_SPINNING", "yes")
+    with pytest.raises(BackendError, match="TURBOTRT_ORT_SPINNING='yes': set it to 1"):
+        session_options()

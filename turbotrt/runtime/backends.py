@@ -7,6 +7,7 @@ the pipeline starts ONNX Runtime's all at once while it encodes the prompt).
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import Future
 from pathlib import Path
@@ -74,12 +75,24 @@ class OrtSession:
 
 
 def session_options():
-    """The options of every ORT session: ORT's defaults (the fastest measured here), quiet."""
+    """The options of every ORT session: ORT's defaults (the fastest measured here), quiet, and intra-op
+    threads that sleep rather than spin between kernels unless TURBOTRT_ORT_SPINNING=1: spinning buys
+    nothing measurable on an idle machine and costs much when the cores are shared (see `spinning`)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning() else "0")
     return opts
+
+
+def spinning() -> bool:
+    """TURBOTRT_ORT_SPINNING=1 brings back ORT's default of intra-op threads spinning while they wait
+    for work (worth trying on a dedicated machine with many cores)."""
+    value = os.environ.get("TURBOTRT_ORT_SPINNING", "0")
+    if value not in ("0", "1"):
+        raise BackendError(f"TURBOTRT_ORT_SPINNING={value!r}: set it to 1 (spin) or 0 (sleep, the default)")
+    return value == "1"
 
 
 class _Sessions:
