@@ -256,9 +256,9 @@ def main(argv=None) -> int:
             for L, row in attention(a.lengths, a.repeat, a.topk, a.max_gib, scratch).items():
                 results[f"attention/H{HEADS}-D{HEAD_DIM}-L{L}-topk{a.topk}"] = row
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(f"peak RSS {peak / 2**30:.2f} GiB")
+    print(f"peak RSS of the whole run {peak / 2**30:.2f} GiB")
     for row in results.values():
-        row.update(machine=machine, peak_rss_bytes=peak)
+        row.update(machine=machine, run_peak_rss_bytes=peak, run_parts=sorted(parts))
     a.out.parent.mkdir(parents=True, exist_ok=True)
     merged = json.loads(a.out.read_text()) if a.out.exists() else {}
     merged.update(results)

@@ -101,7 +101,7 @@ def test_an_unwritable_cache_warns_once(sla, tmp_path, monkeypatch, capsys):
     assert len(err) == 2 and "verification stamps" in err[0] and "optimized ONNX Runtime graphs" in err[1]
 
 
-def test_sessions_start_together_and_failures_keep_their_message(sla, tmp_path, cache, monkeypatch):
+def test_sessions_start_together_and_failures_keep_their_message(sla, tmp_path, cache, monkeypatch, creations):
     bundle = Bundle.load(sla)
     backend = OrtBackend(bundle, ["CPUExecutionProvider"])
     pipe = Pipeline(bundle, backend)
@@ -117,8 +117,10 @@ def test_sessions_start_together_and_failures_keep_their_message(sla, tmp_path, 
     graph = b / "vae_decode_step.onnx"
     graph.write_bytes(b"\x00" * graph.stat().st_size)
     pipe = Pipeline.from_bundle(b, backend="ort", verify=False, log=lambda *_: None)
+    creations.clear()
     with pytest.raises(BackendError, match=r"^ONNX Runtime cannot load vae_decode_step.onnx: .*verification on"):
         pipe(PROMPT, steps=1)
+    assert creations.count("vae_decode_step.onnx") == 1  # failed in the background, raised where used
 
 
 def test_intra_op_threads_sleep_unless_told_to_spin(monkeypatch):

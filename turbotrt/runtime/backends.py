@@ -76,8 +76,8 @@ class OrtSession:
 
 def session_options():
     """The options of every ORT session: ORT's defaults (the fastest measured here), quiet, and intra-op
-    threads that sleep rather than spin between kernels unless TURBOTRT_ORT_SPINNING=1: spinning buys
-    nothing measurable on an idle machine and costs much when the cores are shared (see `spinning`)."""
+    threads that sleep rather than spin between kernels unless TURBOTRT_ORT_SPINNING=1: spinning threads
+    take the cores they wait on, which made the tiny pipeline 2x slower on 2 shared cores."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -97,7 +97,9 @@ def spinning() -> bool:
 
 class _Sessions:
     """Sessions by network, each created once even when asked for from several threads at the same time
-    (the pipeline starts them all concurrently); a failure reaches every caller waiting for it."""
+    (the pipeline starts them all concurrently). A TurbotrtError (a damaged graph, a missing provider) is
+    kept and raised to every caller, so a failure in a background thread is not paid for twice; anything
+    else (Ctrl-C, out of memory) lets the next caller try again."""
 
     def _init_sessions(self):
         self._lock = threading.Lock()
@@ -113,8 +115,9 @@ class _Sessions:
             try:
                 future.set_result(self._create_session(network))
             except BaseException as e:
-                with self._lock:  # the next caller tries again (the cause may be fixed by then)
-                    del self._sessions[network]
+                if not isinstance(e, TurbotrtError):
+                    with self._lock:
+                        del self._sessions[network]
                 future.set_exception(e)
                 raise
         return future.result()
