@@ -133,3 +133,21 @@ def test_intra_op_threads_sleep_unless_told_to_spin(monkeypatch):
     monkeypatch.setenv("TURBOTRT_ORT_SPINNING", "yes")
     with pytest.raises(BackendError, match="TURBOTRT_ORT_SPINNING='yes': set it to 1"):
         session_options()
+
+
+def test_a_save_that_fails_still_gives_a_session(sla, tmp_path, cache, monkeypatch, capsys):
+    """ONNX Runtime fails the whole session when it cannot write the optimized model (a full disk)."""
+    from turbotrt.runtime import ort_cache
+
+    configure = ort_cache._Saving.configure
+
+    def unwritable(self, opts):
+        configure(self, opts)
+        opts.optimized_model_filepath = str(tmp_path / "gone" / "model.onnx")
+
+    monkeypatch.setattr(ort_cache._Saving, "configure", unwritable)
+    got = _run(sla, cache=True).latents
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot keep optimized ONNX Runtime graphs" in err[0]
+    assert _entries(cache) == [] and not list((cache / "ort-optimized").glob(".*"))
+    np.testing.assert_allclose(got, _run(sla, cache=False).latents, atol=1e-6, rtol=0)

@@ -52,9 +52,14 @@ class OrtSession:
         try:
             sess = ort.InferenceSession(str(path), opts, providers=list(providers))
         except Exception as e:  # ORT raises its own exception types for unreadable or damaged models
-            if saving is not None:
-                saving.abandon()
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if saving is not None:
+                # only verified graphs are saved, so the save is the likelier cause (a full disk, a quota):
+                # a cache must never stop a session, so try once more without it
+                saving.abandon()
+                sess = OrtSession._create(path, providers, None)
+                saving.failed(first)
+                return sess
             raise BackendError(f"ONNX Runtime cannot load {path.name}: {first}. The bundle may be damaged or "
                                "truncated: load it with verification on (without --no-verify) to find out") from None
         if saving is not None:

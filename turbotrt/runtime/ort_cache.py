@@ -120,6 +120,10 @@ class _Saving:
     def abandon(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
+    def failed(self, why: str) -> None:
+        """The session could be created only without saving its optimized model."""
+        _unwritable(self.folder.parent, OSError(f"ONNX Runtime could not save it: {why[:200]}"))
+
 
 def _unwritable(where: Path, e: OSError) -> None:
     warn_once("ort-cache", f"cannot keep optimized ONNX Runtime graphs in {where} ({e.strerror or e}); sessions are "
