@@ -32,7 +32,13 @@ def stamp_path(root: str | os.PathLike) -> Path:
 
 
 def _stat(path: Path) -> list[int]:
-    st = os.stat(path)
+    # fstat of an open file, not stat: NFS revalidates a file's attributes on open (close-to-open
+    # consistency) but may answer a plain stat from its attribute cache for up to a minute
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
 
 
