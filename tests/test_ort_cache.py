@@ -62,7 +62,7 @@ def test_cached_sessions_give_the_same_outputs(sla, cache, creations):
     assert not list((cache / "ort-optimized").glob(".*"))  # no temp folders left behind
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage", "meta"])
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "meta", "no model"])
 def test_a_damaged_entry_is_discarded_and_rebuilt(sla, cache, creations, damage):
     want = _run(sla, cache=True).latents
     for entry in _entries(cache):
@@ -72,12 +72,14 @@ def test_a_damaged_entry_is_discarded_and_rebuilt(sla, cache, creations, damage)
         elif damage == "garbage":  # the same size, so only ONNX Runtime can tell
             model = entry / "model.onnx"
             model.write_bytes(b"\x00" * model.stat().st_size)
-        else:
+        elif damage == "meta":
             (entry / "meta.json").write_text("{")
+        else:
+            (entry / "model.onnx").unlink()
     creations.clear()
     notes = []
     got = _run(sla, cache=True, notes=notes).latents
-    assert len(creations) == 4 and len(notes) == 4
+    assert len(creations) == 4 and len(notes) == (0 if damage == "no model" else 4)
     assert all(n.startswith("discarding the cached optimized ") and "\n" not in n for n in notes)
     np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
     creations.clear()

@@ -67,6 +67,8 @@ class OrtModelCache:
 
         model = self.folder / MODEL
         if not model.is_file():
+            if self.folder.exists():  # half-deleted by hand: clear the way for a new entry
+                shutil.rmtree(self.folder, ignore_errors=True)
             return None
         try:
             sizes = json.loads((self.folder / META).read_bytes())["sizes"]
