@@ -27,6 +27,18 @@ _KINDS = {
 }
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _user_cache(tmp_path_factory):
+    """The user cache (verification stamps, ORT optimized graphs) in a temp folder, never the real home."""
+    old = os.environ.get("TURBOTRT_CACHE")
+    os.environ["TURBOTRT_CACHE"] = str(tmp_path_factory.mktemp("user-cache"))
+    yield
+    if old is None:
+        os.environ.pop("TURBOTRT_CACHE", None)
+    else:
+        os.environ["TURBOTRT_CACHE"] = old
+
+
 def _export(source, out, attention, validate=True):
     from turbotrt.export.api import export
 

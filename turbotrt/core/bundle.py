@@ -18,6 +18,7 @@ was written and commits the folder whole.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -37,6 +38,7 @@ from turbotrt.core.files import (
     write_atomic,
 )
 from turbotrt.core.manifest import MANIFEST, EngineEntry, GraphEntry, GraphSpec, Manifest, Quantization, Sampler
+from turbotrt.core.stamps import changed_files
 
 __all__ = ["Bundle", "BundleWriter", "BundleError", "MANIFEST", "is_bundle"]
 
@@ -55,10 +57,12 @@ def _unsafe(e: UnsafePathError, root: Path) -> BundleError:
 class Bundle:
     root: Path
     manifest: Manifest
+    verified: bool = False  # every file's sha256 checked by `load` (or stamped as unchanged since)
 
     @classmethod
     def load(cls, path: str | os.PathLike, verify: bool = True) -> "Bundle":
-        """Read and check a bundle. verify: also hash every file (and the manifest's own digest)."""
+        """Read and check a bundle. verify: also check every file's sha256 (and the manifest's own digest);
+        files hashed by an earlier load and unchanged since (`turbotrt.core.stamps`) are not hashed again."""
         root = Path(path)
         if not root.is_dir():
             raise BundleError(f"{root} is not a folder (a bundle is the folder `turbotrt export --out` wrote)")
@@ -76,6 +80,7 @@ class Bundle:
         manifest = Manifest.from_json(raw, verify_digest=verify, where=str(mf))
         bundle = cls(root, manifest)
         bundle.check_files(hashes=verify)
+        bundle.verified = verify
         return bundle
 
     # --- paths --------------------------------------------------------------------------------------
@@ -98,7 +103,9 @@ class Bundle:
         if missing:
             raise BundleError(f"{self.root}: missing {', '.join(missing)}; the bundle is incomplete, export it again")
         if hashes:
-            changed = [f for f, digest in files.items() if sha256_file(self.path(f)) != digest]
+            # hashed once; later loads compare each file's stat with the stamp kept in the user cache
+            manifest_sha256 = hashlib.sha256(self.path(MANIFEST).read_bytes()).hexdigest()
+            changed = changed_files(self.root, files, self.path, manifest_sha256)
             if changed:
                 raise BundleError(f"{self.root}: {', '.join(changed)} changed since export (sha256 mismatch); "
                                   f"export the bundle again, or rebuild engines with `turbotrt build`")

@@ -44,7 +44,7 @@ def sha256_file(path: str | os.PathLike) -> str:
 def write_atomic(path: str | os.PathLike, data: bytes | bytearray | memoryview | str) -> Path:
     """Write `data` to `path` through a temp file in the same folder, then rename over it."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.partial")  # unique per writer
     raw = data.encode() if isinstance(data, str) else data
     try:
         with open(tmp, "wb") as f:

@@ -1,13 +1,15 @@
 """Backends that run one graph of a bundle: ONNX Runtime (CPU/CUDA) and TensorRT. No torch.
 
 A backend turns a network name into a `Session` whose `run(feeds) -> outputs` takes and gives
-numpy arrays by name. Sessions are created lazily, on first use, so a pipeline that never encodes
-an image never loads the VAE encoder.
+numpy arrays by name. Sessions are created on first use (`session(network)`, safe from several threads:
+the pipeline starts ONNX Runtime's all at once while it encodes the prompt).
 """
 
 from __future__ import annotations
 
 import os
+import threading
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Mapping, Protocol
 
@@ -28,20 +30,41 @@ class Session(Protocol):
 
 
 class OrtSession:
-    def __init__(self, path, providers):
-        import onnxruntime as ort
+    """One ONNX Runtime session: from the bundle's graph, or from ORT's optimized copy of it kept in the
+    user cache (`OrtModelCache`), which skips graph optimization (most of session creation at real size)."""
 
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        try:
-            self.sess = ort.InferenceSession(str(path), opts, providers=list(providers))
-        except Exception as e:  # ORT raises its own exception types for unreadable or damaged models
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise BackendError(f"ONNX Runtime cannot load {path.name}: {first}. The bundle may be damaged or "
-                               "truncated: load it with verification on (without --no-verify) to find out") from None
+    def __init__(self, path: Path, providers, cache: "OrtModelCache | None" = None):
         self.name = path.name
+        self.sess = cache.load() if cache is not None else None
+        if self.sess is None:
+            self.sess = self._create(path, providers, cache)
         self.inputs = [i.name for i in self.sess.get_inputs()]
         self.outputs = [o.name for o in self.sess.get_outputs()]
+
+    @staticmethod
+    def _create(path, providers, cache):
+        import onnxruntime as ort
+
+        saving = cache.saving() if cache is not None else None
+        opts = session_options()
+        if saving is not None:
+            saving.configure(opts)
+        try:
+            sess = ort.InferenceSession(str(path), opts, providers=list(providers))
+        except Exception as e:  # ORT raises its own exception types for unreadable or damaged models
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if saving is not None:
+                # only verified graphs are saved, so the save is the likelier cause (a full disk, a quota):
+                # a cache must never stop a session, so try once more without it
+                saving.abandon()
+                sess = OrtSession._create(path, providers, None)
+                saving.failed(first)
+                return sess
+            raise BackendError(f"ONNX Runtime cannot load {path.name}: {first}. The bundle may be damaged or "
+                               "truncated: load it with verification on (without --no-verify) to find out") from None
+        if saving is not None:
+            saving.commit()
+        return sess
 
     def run(self, feeds):
         missing = [n for n in self.inputs if n not in feeds]
@@ -56,12 +79,64 @@ class OrtSession:
         return dict(zip(self.outputs, values))
 
 
-class OrtBackend:
-    """ONNX Runtime: the CUDA provider when present (and asked for), else the CPU provider."""
+def session_options():
+    """The options of every ORT session: ORT's defaults (the fastest measured here), quiet, and intra-op
+    threads that sleep rather than spin between kernels unless TURBOTRT_ORT_SPINNING=1: spinning threads
+    take the cores they wait on, which made the tiny pipeline 2x slower on 2 shared cores."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning() else "0")
+    return opts
+
+
+def spinning() -> bool:
+    """TURBOTRT_ORT_SPINNING=1 brings back ORT's default of intra-op threads spinning while they wait
+    for work (worth trying on a dedicated machine with many cores)."""
+    value = os.environ.get("TURBOTRT_ORT_SPINNING", "0")
+    if value not in ("0", "1"):
+        raise BackendError(f"TURBOTRT_ORT_SPINNING={value!r}: set it to 1 (spin) or 0 (sleep, the default)")
+    return value == "1"
+
+
+class _Sessions:
+    """Sessions by network, each created once even when asked for from several threads at the same time
+    (the pipeline starts them all concurrently). A TurbotrtError (a damaged graph, a missing provider) is
+    kept and raised to every caller, so a failure in a background thread is not paid for twice; anything
+    else (Ctrl-C, out of memory) lets the next caller try again."""
+
+    def _init_sessions(self):
+        self._lock = threading.Lock()
+        self._sessions: dict[str, Future] = {}
+
+    def session(self, network: str):
+        with self._lock:
+            future = self._sessions.get(network)
+            mine = future is None
+            if mine:
+                future = self._sessions[network] = Future()
+        if mine:
+            try:
+                future.set_result(self._create_session(network))
+            except BaseException as e:
+                if not isinstance(e, TurbotrtError):
+                    with self._lock:
+                        del self._sessions[network]
+                future.set_exception(e)
+                raise
+        return future.result()
+
+
+class OrtBackend(_Sessions):
+    """ONNX Runtime: the CUDA provider when present (and asked for), else the CPU provider.
+
+    cache: keep each graph's optimized model in the user cache and start later sessions from it."""
 
     name = "ort"
+    concurrent_start = True  # sessions may be created from several threads at once
 
-    def __init__(self, bundle: Bundle, providers: list[str] | None = None):
+    def __init__(self, bundle: Bundle, providers: list[str] | None = None, cache: bool = True, log=print):
         import onnxruntime as ort
 
         available = ort.get_available_providers()
@@ -75,13 +150,16 @@ class OrtBackend:
                 f"{bundle.root} is a bf16 bundle and ONNX Runtime's CPU provider has no bf16 kernels: run it on an "
                 "NVIDIA GPU (onnxruntime-gpu, or TensorRT engines from `turbotrt build`), or export with --precision "
                 "fp32 or fp16 to run on a CPU")
-        self.bundle, self.providers = bundle, providers
-        self._sessions: dict[str, OrtSession] = {}
+        self.bundle, self.providers, self.cache, self.log = bundle, providers, cache, log
+        self._init_sessions()
 
-    def session(self, network: str) -> OrtSession:
-        if network not in self._sessions:
-            self._sessions[network] = OrtSession(self.bundle.checked_graph(network), self.providers)
-        return self._sessions[network]
+    def _create_session(self, network: str) -> OrtSession:
+        from turbotrt.runtime.ort_cache import OrtModelCache
+
+        path = self.bundle.checked_graph(network)
+        cache = OrtModelCache.for_graph(self.bundle, network, self.providers, session_options(), self.log) \
+            if self.cache else None
+        return OrtSession(path, self.providers, cache)
 
     def describe(self) -> str:
         return f"ONNX Runtime ({', '.join(self.providers)})"
@@ -178,9 +256,10 @@ def runtime_cache_path(plan) -> Path:
     input), named by the engine's sha256 so a rebuilt engine never meets a stale cache."""
     import hashlib
 
+    from turbotrt.core.cache import cache_dir
+
     digest = hashlib.sha256(Path(plan).read_bytes()).hexdigest()[:32]
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "turbotrt" / "rtx-runtime-cache" / f"{digest}.cache"
+    return cache_dir("rtx-runtime-cache", f"{digest}.cache")
 
 
 class _RtxSession:
@@ -238,7 +317,7 @@ def make_backend(bundle: Bundle, name: str = "auto", log=print):
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
     if name == "ort":
-        return OrtBackend(bundle)
+        return OrtBackend(bundle, log=log)
     if name == "trt":
         return TrtBackend(bundle)
     if name == "rtx":
@@ -253,6 +332,6 @@ def make_backend(bundle: Bundle, name: str = "auto", log=print):
             return backend
         except TurbotrtError as e:
             why.append(f"{flavour}: {e}")
-    backend = OrtBackend(bundle)
+    backend = OrtBackend(bundle, log=log)
     log(f"backend: {backend.describe()} (engines not used: {'; '.join(why)})")
     return backend

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,11 +49,25 @@ class Pipeline:
         self.bundle, self.backend = bundle, backend
         self.model = bundle.model
         self._tokenizer = None
+        self._starting: ThreadPoolExecutor | None = None
 
     @classmethod
     def from_bundle(cls, path: str | os.PathLike, backend: str = "auto", verify: bool = True, log=print) -> "Pipeline":
         bundle = Bundle.load(path, verify=verify)
         return cls(bundle, make_backend(bundle, backend, log))
+
+    def start_sessions(self) -> None:
+        """Create every graph's session in the background, all at once, if the backend allows it (ONNX
+        Runtime): the first run then waits for the slowest graph, not for the sum of all of them, and the
+        text encoder's is usually ready by the time the prompt is tokenized. A failure surfaces, with its
+        usual message, where that session is first used."""
+        if self._starting is not None or not getattr(self.backend, "concurrent_start", False):
+            return
+        networks = self.bundle.networks
+        self._starting = ThreadPoolExecutor(max_workers=len(networks), thread_name_prefix="turbotrt-session")
+        for network in networks:
+            self._starting.submit(self.backend.session, network)
+        self._starting.shutdown(wait=False)
 
     # --- stages -------------------------------------------------------------------------------------
     @property
@@ -141,6 +156,7 @@ class Pipeline:
             raise ValueError(f"{self.model.name} is text-to-video: it takes no image")
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
+        self.start_sessions()
         context = self.encode_prompt(prompt)
         timings["text"] = time.perf_counter() - t0
         y = None
