@@ -105,6 +105,9 @@ def test_job_store_bounds_expiry_and_restart(tmp_path):
 def ray_instance():
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # no usage reports leave the machine
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # the node's address is 127.0.0.1, not the LAN's
+    # Serve's proxy gets 5 s to come up by default: too little on 2 cores shared with another test worker.
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
+    os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "60")
     import ray
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
@@ -128,8 +131,9 @@ def _deploy(ray, bundle, port, name, tmp, **settings) -> str:
 
     from turbotrt.serve.cli import serve_command
 
-    # Logical CPUs only (two apps share 2 cores' worth); a dead replica is noticed within a second.
-    light = {"ray_actor_options": {"num_cpus": 0.1}, "health_check_period_s": 1}
+    # Logical CPUs only (two apps share 2 cores' worth); a dead replica is noticed within a second, and
+    # a live one that a loaded machine slows down is given a minute to answer its health check.
+    light = {"ray_actor_options": {"num_cpus": 0.1}, "health_check_period_s": 1, "health_check_timeout_s": 60}
     config = {"app_name": name, "route_prefix": f"/{name}", "jobs_dir": str(tmp / "jobs"),
               "stages": {s: light for s in ("text_encoder", "image_encoder", "denoiser", "decoder")}, **settings}
     (tmp / "serve.yaml").write_text(json.dumps(config))  # JSON is YAML

@@ -55,7 +55,11 @@ def serve(bundle, config: ServeConfig, log=print, block: bool = True, start_ray:
     try:
         for note in check_resources(facts, config):
             log(f"note: {note}")
-        start_http(config)
+        try:
+            start_http(config)
+        except ray.exceptions.RayError as e:  # Serve's controller or proxy actor died starting
+            raise ServeError(f"Ray Serve could not start its HTTP proxy ({type(e).__name__}: {_first_line(e)}); the "
+                             f"logs under /tmp/ray/session_latest/logs/serve say why") from None
         log(f"deploying {facts.name} ({'image' if facts.i2v else 'text'}-to-video, {facts.width}x{facts.height}, "
             f"{facts.frames} frames) from {facts.path}")
         for stage in facts.stages:
@@ -63,11 +67,12 @@ def serve(bundle, config: ServeConfig, log=print, block: bool = True, start_ray:
         start = time.perf_counter()
         try:
             ray_serve.run(build_app(facts, config), name=config.app_name, route_prefix=config.route_prefix)
-        except RuntimeError as e:
-            raise ServeError(f"the deployment failed ({_first_line(e)}); `serve status` and the replicas' logs "
-                             f"under /tmp/ray/session_latest/logs/serve say why") from None
+            described = {stage: describe(stage, config.app_name) for stage in facts.stages}
+        except (RuntimeError, ray.exceptions.RayError) as e:  # RayError: an actor (replica, proxy) died starting
+            raise ServeError(f"the deployment failed ({type(e).__name__}: {_first_line(e)}); `serve status` and the "
+                             f"replicas' logs under /tmp/ray/session_latest/logs/serve say why") from None
         for stage in facts.stages:
-            d = describe(stage, config.app_name)
+            d = described[stage]
             gpus = f", GPU {','.join(d['gpus'])}" if d["gpus"] else ""
             log(f"  {stage:14s} up: {d['backend']} on {d['node']}{gpus}")
         url = f"http://{config.host}:{config.port}{config.route_prefix.rstrip('/')}"
