@@ -21,6 +21,13 @@ benchmarks/results/toy_training.json.
    sampler's bf16-rounded timestep, and the loss is the x0 error of the sampler's own jump,
    |x - t_i v - x0|^2. So the runtime's SDE sampler (jump to x - t v, re-noise) gets the clean
    estimates it was trained to produce.
+
+   Without a teacher, each step's x0 estimate is the mean over what the caption leaves open. When
+   the shape may start anywhere, that mean is an empty frame, every step re-noises an empty frame and
+   the samples end as faint stray blobs (tried: 3% of the grid passed). rCM avoids this by distilling
+   a teacher's ODE, which maps each noise to one specific video. Here the DiT's videos are drawn with
+   `dit_spread` 0.1 instead: one track per caption, a few pixels of jitter, so the mean is one sharp
+   video. The VAE still trains on shapes anywhere.
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ import torch.nn.functional as F
 
 from turbotrt.core.configs import AttentionConfig, get_config
 from turbotrt.core.rcm import net_timesteps, rcm_times
-from turbotrt.toy.dataset import BACKGROUND, CAPTIONS, ToyVideos, to_model_range
+from turbotrt.toy.dataset import BACKGROUND, CAPTIONS, ToyConfig, ToyVideos, to_model_range
 from turbotrt.toy.model import DIT_FILE, PRESET, T5_FILE, TOKENIZER_FILE, VAE_FILE, WEIGHTS_DIR
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "toy_training.json"
@@ -51,7 +58,7 @@ RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "toy_
 class TrainConfig:
     seed: int = 0
     videos: int = 768  # rendered once; the VAE trains on windows of them, the DiT on their latents
-    vae_steps: int = 600
+    vae_steps: int = 500
     vae_batch: int = 3
     vae_frames: int = 9
     vae_width: int = 64
@@ -59,15 +66,19 @@ class TrainConfig:
     # Then the decoder alone on whole 17-frame clips: its stacked causal convs see further back than
     # 3 latent frames, and without this the colour drifts on the last ones. The encoder is frozen, so
     # the latents (and a DiT trained on them) stay valid.
-    decoder_steps: int = 150
+    decoder_steps: int = 200
     decoder_batch: int = 2
     decoder_lr: float = 5e-4
+    decoder_latent_noise: float = 0.3  # the DiT's latents are off by more than the encoder's
     fg_weight: float = 10.0  # extra loss weight of foreground pixels
     latent_noise: float = 0.1  # decoder input noise (relative to the latents' std): robust to DiT errors
-    dit_steps: int = 1200
+    dit_videos: int = 384
+    dit_spread: float = 0.1  # see the module docstring: one track per caption, a few pixels of jitter
+    dit_steps: int = 1000
     dit_batch: int = 16
     dit_lr: float = 4e-4
     ema: float = 0.995
+    train_t5: bool = False  # the first DiT run keeps umT5 frozen; a --resume run may train it too
     warmup: int = 50
     log_every: int = 25
 
@@ -104,7 +115,10 @@ class Curve:
 # --- data ---------------------------------------------------------------------------------------
 
 
-def render_pool(cfg: TrainConfig) -> tuple[np.ndarray, list[str]]:
+def render_pool(cfg: TrainConfig, dit: bool = False) -> tuple[np.ndarray, list[str]]:
+    """The VAE's videos (shapes anywhere), or the DiT's (each caption's track, a little jitter)."""
+    if dit:
+        return ToyVideos(cfg.seed + 1, ToyConfig(spread=cfg.dit_spread)).batch(0, cfg.dit_videos)
     return ToyVideos(cfg.seed).batch(0, cfg.videos)
 
 
@@ -149,12 +163,13 @@ def train_vae(cfg: TrainConfig, videos: np.ndarray, log: Callable[[str], None], 
     g = torch.Generator().manual_seed(cfg.seed + seed)
     bg = torch.tensor(BACKGROUND, dtype=torch.float32).view(1, 3, 1, 1, 1) / 127.5 - 1
     curve = Curve(name, steps, cfg.log_every, log)
+    noise = cfg.latent_noise if name == "vae" else cfg.decoder_latent_noise
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = _lr(step, steps, lr, min(cfg.warmup, steps // 4))
         x = _vae_batch(videos, cfg, rng, frames, batch)
         z, _ = vae.encode_first(x)
-        z = z + cfg.latent_noise * z.detach().std() * torch.randn(z.shape, generator=g)
+        z = z + noise * z.detach().std() * torch.randn(z.shape, generator=g)
         y, _ = vae.decode_first(z)
         weight = 1 + cfg.fg_weight * ((x - bg).abs().sum(1, keepdim=True) > 0.2).float()
         loss = (weight * ((y - x).pow(2) + (y - x).abs())).mean()
@@ -219,12 +234,12 @@ def toy_text_encoder(seed: int = 0):
     return t5.eval().requires_grad_(False)
 
 
-@torch.no_grad()
-def caption_embeddings(t5, tokenizer_path: Path, captions=CAPTIONS) -> torch.Tensor:
+def caption_tokens(tokenizer_path: Path, captions=CAPTIONS) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask) of the captions, as the runtime tokenizes prompts."""
     from turbotrt.core.tokenizer import Tokenizer
 
     ids, mask = Tokenizer(tokenizer_path, text_len=get_config(PRESET).text_len)(list(captions))
-    return t5(torch.from_numpy(ids), torch.from_numpy(mask))
+    return torch.from_numpy(ids), torch.from_numpy(mask)
 
 
 # --- DiT ----------------------------------------------------------------------------------------
@@ -247,12 +262,31 @@ def new_dit(seed: int):
     return model
 
 
-def train_dit(cfg: TrainConfig, latents: torch.Tensor, caption_idx: torch.Tensor, context: torch.Tensor,
-              log: Callable[[str], None]):
+def train_dit(cfg: TrainConfig, latents: torch.Tensor, caption_idx: torch.Tensor, t5, text: tuple,
+              log: Callable[[str], None], model=None):
+    """The DiT (new, or `model` to continue) on the latents; with cfg.train_t5 the umT5 learns too.
+
+    text: (ids, mask) of every caption. Returns the EMA DiT, the EMA umT5, the loss curve and the
+    final x0 error per sampler step.
+    """
     config = get_config(PRESET)
-    model = new_dit(cfg.seed).train()
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.dit_lr, weight_decay=0.0)
+    model = (model or new_dit(cfg.seed)).train().requires_grad_(True)
+    t5.requires_grad_(cfg.train_t5).train(cfg.train_t5)
+    nets = [model, t5] if cfg.train_t5 else [model]
+    emas = [copy.deepcopy(n).eval().requires_grad_(False) for n in nets]
+    params = [p for n in nets for p in n.parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg.dit_lr, weight_decay=0.0)
+    # umT5's outputs past a prompt's length are zeros and its valid positions never attend to the
+    # padding, so running it on the longest caption's length and zero-padding is the same, 15x cheaper.
+    ids, mask = text
+    length = int(mask.sum(dim=1).max())
+    ids, mask = ids[:, :length], mask[:, :length]
+
+    def encode(c):
+        return F.pad(t5(ids[c], mask[c]), (0, 0, 0, config.text_len - length))
+
+    with torch.no_grad():
+        frozen_context = None if cfg.train_t5 else encode(torch.arange(len(ids)))
     times, net_t = sampler_schedule(config.sigma_max)
     times_t = torch.tensor(times, dtype=torch.float32)
     g = torch.Generator().manual_seed(cfg.seed + 2)
@@ -268,16 +302,19 @@ def train_dit(cfg: TrainConfig, latents: torch.Tensor, caption_idx: torch.Tensor
         eps = torch.randn(x0.shape, generator=g)
         # The sampler's first input is t_0 * eps exactly; later inputs are the forward process.
         x = torch.where(k.view(-1, 1, 1, 1, 1) == 0, t * eps, (1 - t) * x0 + t * eps)
-        v = model(x, torch.from_numpy(net_t[k.numpy()]), context[caption_idx[idx]])
+        c = caption_idx[idx]
+        context = encode(c) if cfg.train_t5 else frozen_context[c]
+        v = model(x, torch.from_numpy(net_t[k.numpy()]), context)
         err = (x - t * v - x0).pow(2).mean(dim=(1, 2, 3, 4))
         loss = err.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         with torch.no_grad():
-            for pe, p in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(p, 1 - cfg.ema)
+            for ema, net in zip(emas, nets):
+                for pe, p in zip(ema.parameters(), net.parameters()):
+                    pe.lerp_(p, 1 - cfg.ema)
         for i in range(len(times)):
             per_step[i].extend(err[k == i].tolist())
         curve.add(step, loss.item())
@@ -285,7 +322,7 @@ def train_dit(cfg: TrainConfig, latents: torch.Tensor, caption_idx: torch.Tensor
             log("[dit]   x0 error by sampler step: " + ", ".join(
                 f"t={times[i]:.3f}: {np.mean(e[-200:]):.4f}" for i, e in enumerate(per_step) if e))
     final = {f"{times[i]:.4f}": float(np.mean(e[-200:])) for i, e in enumerate(per_step) if e}
-    return ema, curve, final
+    return emas[0], (emas[1] if cfg.train_t5 else t5.eval()), curve, final
 
 
 # --- weights ------------------------------------------------------------------------------------
@@ -309,9 +346,13 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     defaults = TrainConfig()
     for name, value in asdict(defaults).items():
-        p.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
+        if isinstance(value, bool):
+            p.add_argument("--" + name.replace("_", "-"), action=argparse.BooleanOptionalAction, default=value)
+        else:
+            p.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
     p.add_argument("--stage", choices=("all", "vae", "decoder", "dit"), default="all",
                    help="vae, decoder, dit: one stage, on the earlier stages' weights already in --out")
+    p.add_argument("--resume", action="store_true", help="dit: continue the DiT and umT5 already in --out")
     p.add_argument("--out", type=Path, default=WEIGHTS_DIR)
     p.add_argument("--results", type=Path, default=RESULTS)
     args = p.parse_args(argv)
@@ -332,11 +373,12 @@ def main(argv=None) -> None:
 
         with tempfile.TemporaryDirectory() as tmp:
             shutil.copyfile(make_tiny_tokenizer(tmp, seed=0), args.out / TOKENIZER_FILE)
-    log(f"rendering {cfg.videos} toy videos (seed {cfg.seed})")
-    videos, captions = render_pool(cfg)
+    if args.stage != "dit":
+        log(f"rendering {cfg.videos} toy videos (seed {cfg.seed})")
+        videos, _ = render_pool(cfg)
     if args.stage in ("all", "vae"):
         vae, curve = train_vae(cfg, videos, log)
-        latents = fold_latent_stats(vae, encode_pool(vae, videos))
+        fold_latent_stats(vae, encode_pool(vae, videos))
         save_weights(args.out, vae=vae)
         record["stages"]["vae"] = dict(seconds=round(curve.seconds, 1), curve=curve.points,
                                        final_loss=curve.points[-1]["loss"])
@@ -347,7 +389,6 @@ def main(argv=None) -> None:
         with torch.no_grad():  # own copies: the loaded tensors are views of a read-only file mapping
             for t in list(vae.parameters()) + list(vae.buffers()):
                 t.data = t.data.clone()
-        latents = encode_pool(vae, videos) if args.stage == "dit" else None
     if args.stage in ("all", "decoder"):
         vae, curve = train_vae(cfg, videos, log, vae=vae)
         vae.eval().requires_grad_(False)
@@ -357,21 +398,37 @@ def main(argv=None) -> None:
         record["stages"]["vae_decoder"] = dict(seconds=round(curve.seconds, 1), curve=curve.points,
                                                final_loss=curve.points[-1]["loss"], reconstruction_mse=recon)
     if args.stage in ("all", "dit"):
-        t5 = toy_text_encoder(cfg.seed)
-        context = caption_embeddings(t5, args.out / TOKENIZER_FILE)
-        flat = context.flatten(1)
+        log(f"rendering {cfg.dit_videos} toy videos for the DiT (seed {cfg.seed + 1}, spread {cfg.dit_spread})")
+        videos, captions = render_pool(cfg, dit=True)
+        latents = encode_pool(vae, videos)
+        model = None
+        if args.resume:  # continue the DiT (and umT5) already in --out
+            from turbotrt.models.checkpoint import load_wan
+            from turbotrt.models.t5 import load_t5
+
+            model = load_wan(args.out / DIT_FILE, attention=AttentionConfig.for_model(get_config(PRESET), "sla"))
+            t5 = load_t5(args.out / T5_FILE)
+            with torch.no_grad():  # own fp32 copies: the loaded tensors are views of a read-only mapping
+                for net in (model, t5):
+                    for tensor in list(net.parameters()) + list(net.buffers()):
+                        tensor.data = tensor.data.float().clone()
+        else:
+            t5 = toy_text_encoder(cfg.seed)
+        text = caption_tokens(args.out / TOKENIZER_FILE)
+        with torch.no_grad():
+            flat = t5(*text).flatten(1)
         dist = torch.cdist(flat, flat) + torch.eye(len(flat)) * 1e9
         i, j = divmod(int(dist.argmin()), len(flat))
-        log(f"[umt5] frozen; closest captions {CAPTIONS[i]!r} / {CAPTIONS[j]!r}: distance {dist[i, j]:.2f} "
-            f"(mean embedding norm {flat.norm(dim=1).mean():.2f})")
+        log(f"[umt5] {'trained' if cfg.train_t5 else 'frozen'}; closest captions {CAPTIONS[i]!r} / {CAPTIONS[j]!r}: "
+            f"distance {dist[i, j]:.2f} (mean embedding norm {flat.norm(dim=1).mean():.2f})")
         caption_idx = torch.tensor([CAPTIONS.index(c) for c in captions])
         log(f"latents {tuple(latents.shape)}: mean {latents.mean():.3f}, std {latents.std():.3f}")
-        dit, curve, final = train_dit(cfg, latents, caption_idx, context, log)
+        dit, t5, curve, final = train_dit(cfg, latents, caption_idx, t5, text, log, model)
         save_weights(args.out, dit=dit, t5=t5)
-        record["stages"]["dit"] = dict(seconds=round(curve.seconds, 1), curve=curve.points,
-                                       final_loss=curve.points[-1]["loss"], final_x0_error_by_time=final,
-                                       closest_captions=[CAPTIONS[i], CAPTIONS[j]],
-                                       closest_caption_distance=float(dist[i, j]))
+        record["stages"]["dit_resumed" if args.resume else "dit"] = dict(
+            seconds=round(curve.seconds, 1), steps=cfg.dit_steps, train_t5=cfg.train_t5, curve=curve.points,
+            final_loss=curve.points[-1]["loss"], final_x0_error_by_time=final,
+            closest_captions_at_start=[CAPTIONS[i], CAPTIONS[j]], closest_caption_distance_at_start=float(dist[i, j]))
     seconds = round(time.perf_counter() - start, 1)
     if args.results.is_file():  # stages trained by other runs keep their record
         record["stages"] = {**json.loads(args.results.read_text()).get("stages", {}), **record["stages"]}
