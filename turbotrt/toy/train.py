@@ -12,9 +12,11 @@ benchmarks/results/toy_training.json.
    Foreground pixels weigh more (the shape covers ~3% of a frame). Then the per-channel statistics of
    its latents are folded into conv1 (encoder out) and conv2 (decoder in), so the normalised latents
    the DiT sees have zero mean and unit variance per channel, as Wan's do for the real VAE.
-2. umT5 (`umt5-tiny`) stays frozen at its seeded random weights: the 48 captions' embeddings stay
-   distinct (the log prints the closest pair), and the DiT's text embedding and cross-attention learn
-   to read them.
+2. umT5 (`umt5-tiny`) starts at its seeded random weights and stays frozen for the first DiT run
+   (the 48 captions' embeddings are distinct: the log prints the closest pair); `--stage dit --resume
+   --train-t5` then continues the DiT with umT5 trained too (the shipped weights had 1000 + 500 steps).
+   Blue and yellow still come out as green and red: the colour words are what the text path has not
+   separated yet.
 3. DiT (`wan-tiny`, SLA attention as the preset configures it): trained directly as a few-step
    denoiser at exactly the rCM sampler's 4 steps (`turbotrt.core.rcm`): at step i the input is
    x = (1 - t_i) x0 + t_i eps (the first step: t_0 eps, as the sampler starts), the network sees the
