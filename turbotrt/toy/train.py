@@ -11,12 +11,13 @@ benchmarks/results/toy_training.json.
    path and real history; the network is convolutional, so the full 128x64 clip decodes alike).
    Foreground pixels weigh more (the shape covers ~3% of a frame). Then the per-channel statistics of
    its latents are folded into conv1 (encoder out) and conv2 (decoder in), so the normalised latents
-   the DiT sees have zero mean and unit variance per channel, as Wan's do for the real VAE.
+   the DiT sees have zero mean and unit variance per channel, as Wan's do for the real VAE. Last,
+   the decoder alone (encoder frozen, so the latents stay put) on whole 17-frame clips.
 2. umT5 (`umt5-tiny`) starts at its seeded random weights and stays frozen for the first DiT run
    (the 48 captions' embeddings are distinct: the log prints the closest pair); `--stage dit --resume
    --train-t5` then continues the DiT with umT5 trained too (the shipped weights had 1000 + 500 steps).
-   Blue and yellow still come out as green and red: the colour words are what the text path has not
-   separated yet.
+   Blue and yellow still come out as green and red: their latents are the closest pairs (blue/green,
+   red/yellow), and the DiT's estimates for them differ by a third of what the real latents do.
 3. DiT (`wan-tiny`, SLA attention as the preset configures it): trained directly as a few-step
    denoiser at exactly the rCM sampler's 4 steps (`turbotrt.core.rcm`): at step i the input is
    x = (1 - t_i) x0 + t_i eps (the first step: t_0 eps, as the sampler starts), the network sees the
