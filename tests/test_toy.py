@@ -61,9 +61,9 @@ def test_still_blank_and_noise_videos_fail():
 
 # --- the trained toy model shipped with the package ---------------------------------------------
 
-# The demo's default prompt and a few others that between them cover every direction.
-PROMPTS = ("a red circle moves right", "a green triangle moves left", "a red square moves up",
-           "a green circle moves down")
+# The demo's default prompt and a few others that between them cover every colour and direction.
+PROMPTS = ("a red circle moves right", "a blue square moves up", "a green triangle moves left",
+           "a yellow circle moves down")
 
 
 def test_shipped_weights_load_through_the_checkpoint_code():

@@ -15,9 +15,9 @@ benchmarks/results/toy_training.json.
    the decoder alone (encoder frozen, so the latents stay put) on whole 17-frame clips.
 2. umT5 (`umt5-tiny`) starts at its seeded random weights and stays frozen for the first DiT run
    (the 48 captions' embeddings are distinct: the log prints the closest pair); `--stage dit --resume
-   --train-t5` then continues the DiT with umT5 trained too (the shipped weights had 1000 + 500 steps).
-   Blue and yellow still come out as green and red: their latents are the closest pairs (blue/green,
-   red/yellow), and the DiT's estimates for them differ by a third of what the real latents do.
+   --train-t5` then continues the DiT with umT5 trained too (the shipped weights had 1000 + 500 + 500
+   steps). Colour is what the model learns last: blue/green and red/yellow latents are the closest
+   pairs, and after 1500 steps blue still came out green and yellow red; after 2000, some yellows do.
 3. DiT (`wan-tiny`, SLA attention as the preset configures it): trained directly as a few-step
    denoiser at exactly the rCM sampler's 4 steps (`turbotrt.core.rcm`): at step i the input is
    x = (1 - t_i) x0 + t_i eps (the first step: t_0 eps, as the sampler starts), the network sees the
