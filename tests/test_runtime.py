@@ -178,3 +178,5 @@ def test_demo_command(tmp_path):
     assert r.exit_code == 0, r.output
     assert read_mp4(tmp_path / "turbotrt-demo.mp4").shape[0] == 17
     Bundle.load(tmp_path / "turbotrt-demo-bundle")
+    # The trained toy model: the video is the default prompt's ("a red circle moves right").
+    assert "prompt check: red shape, moving right" in r.output and r.output.rstrip().endswith("pass")
