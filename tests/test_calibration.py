@@ -22,7 +22,7 @@ from turbotrt.core.bundle import Bundle
 from turbotrt.core.configs import AttentionConfig, get_config
 from turbotrt.core.rcm import rcm_times, sde_step
 from turbotrt.export import dit
-from turbotrt.export.lint import lint_model
+from turbotrt.export.lint import lint, lint_model
 from turbotrt.export.onnx_io import GraphWeights, float_state_dict
 from turbotrt.models.int8 import dequantize_tiles, quantize_tiles
 from turbotrt.models.wan import WanModel, init_random_
@@ -525,3 +525,24 @@ def test_cli_calibrates_from_an_embeddings_file(bundle, tmp_path):
     bad = CliRunner().invoke(main, ["calibrate", str(bundle), "-o", str(tmp_path / "q3"), "--embeddings",
                                     str(tmp_path / "wrong.npy")])
     assert bad.exit_code != 0 and "takes [N, 512, 64]" in bad.output
+
+
+@pytest.mark.parametrize("zero", [0, 3])
+def test_lint_reads_zero_points_stored_as_external_data(tmp_path, zero):
+    """At 1.3B a per-channel zero point (1,536 bytes) goes to the data file; the lint reads it from the
+    graph's folder, not from wherever the process runs."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((4, 1536), np.int8), "w")
+    s = numpy_helper.from_array(np.full(1536, 0.1, np.float32), "s")
+    zp = numpy_helper.from_array(np.full(1536, zero, np.int8), "zp")
+    node = helper.make_node("DequantizeLinear", ["w", "s", "zp"], ["y"], axis=1, name="dq")
+    graph = helper.make_graph([node], "g", [], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 1536])],
+                              initializer=[w, s, zp])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    onnx.save(model, str(tmp_path / "g.onnx"), save_as_external_data=True, location="g.onnx.data", size_threshold=0)
+    found = [str(f) for f in lint(tmp_path / "g.onnx") if f.severity == "error"]
+    if zero == 0:
+        assert found == []
+    else:
+        assert len(found) == 1 and "zero point must be a constant 0" in found[0]

@@ -206,10 +206,17 @@ class StagingDir:
     def __enter__(self) -> "StagingDir":
         self.check_target()
         self._clear_stale()
-        self.path.mkdir(parents=True)
-        (self.path / _OWNER).write_text(f"{os.getpid()}\n")
+        # SIGTERM becomes an exit before the folder exists, so no moment leaves it behind.
         self._signals = _terminate_as_exit()
         self._signals.__enter__()
+        try:
+            self.path.mkdir(parents=True)
+            (self.path / _OWNER).write_text(f"{os.getpid()}\n")
+        except BaseException as e:  # SIGTERM, disk full, ...: a folder this call made goes again
+            if not isinstance(e, FileExistsError):  # one that was there is another run's
+                _remove(self.path)
+            self._signals.__exit__(None, None, None)
+            raise
         return self
 
     def commit(self) -> Path:

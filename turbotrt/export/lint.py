@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import onnx
 from onnx import TensorProto
@@ -68,8 +69,16 @@ def _constants(model: onnx.ModelProto) -> set[str]:
     return names
 
 
-def lint_model(model: onnx.ModelProto) -> list[Finding]:
+def lint_model(model: onnx.ModelProto, base_dir: str | os.PathLike | None = None) -> list[Finding]:
+    """Findings for `model`; `base_dir` is the graph's folder, where initializers stored as external
+    data are read from (a 1.3B graph's per-channel zero points are)."""
     findings: list[Finding] = []
+
+    def value(t: TensorProto):
+        if t.data_location == TensorProto.EXTERNAL and base_dir is None:
+            return None
+        return onnx.numpy_helper.to_array(t, base_dir="" if base_dir is None else str(base_dir))
+
     types = _types(model)
     consts = _constants(model)
     local_functions = {(f.domain, f.name) for f in model.functions}
@@ -110,14 +119,18 @@ def lint_model(model: onnx.ModelProto) -> list[Finding]:
             if in_types and in_types[0] == TensorProto.BFLOAT16:
                 add("warning", node, "bf16 TopK: cast the scores to float32 (ONNX Runtime CPU has no bf16 TopK)")
             k_init = next((t for t in model.graph.initializer if len(node.input) > 1 and t.name == node.input[1]), None)
-            if k_init is not None and onnx.numpy_helper.to_array(k_init).max() > TOPK_MAX_K:
+            k = None if k_init is None else value(k_init)
+            if k is not None and k.max() > TOPK_MAX_K:
                 add("error", node, f"TopK K must be at most {TOPK_MAX_K}")
         if op in ("ReduceMean", "Pad", "CumSum") and len(node.input) > 1 and node.input[1] and node.input[1] not in consts:
             add("error", node, "axes must be an initializer/constant for TensorRT")
         if op in ("QuantizeLinear", "DequantizeLinear") and len(node.input) > 2 and node.input[2]:
             zp = next((t for t in model.graph.initializer if t.name == node.input[2]), None)
-            if zp is None or onnx.numpy_helper.to_array(zp).any():
+            zp_value = None if zp is None else value(zp)
+            if zp is None or (zp_value is not None and zp_value.any()):
                 add("error", node, "zero point must be a constant 0 (TensorRT Q/DQ is symmetric)")
+            elif zp_value is None:
+                add("warning", node, "zero point stored as external data: not checked (lint the graph file)")
         if op == "LayerNormalization" and len(node.output) > 1 and any(node.output[1:]):
             add("error", node, "TensorRT supports only the first output of LayerNormalization")
         if op in NORM_OPS and in_types and in_types[0] == TensorProto.FLOAT16:
@@ -153,4 +166,4 @@ def _function_name_clashes(model: onnx.ModelProto) -> list[Finding]:
 
 
 def lint(path: str | os.PathLike) -> list[Finding]:
-    return lint_model(onnx.load(str(path), load_external_data=False))
+    return lint_model(onnx.load(str(path), load_external_data=False), base_dir=Path(path).parent)
